@@ -1,0 +1,81 @@
+"""Everything in a merged model folder besides the weights: config, tokenizer,
+generation config, the recipe, and a model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from search.merge.streaming import Prepared
+
+log = logging.getLogger(__name__)
+_TORCH_NAME = {v: k for k, v in {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}.items()}
+
+
+def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:
+    """The reference model's config with the output dtype and vocabulary size."""
+    cfg = dict(prep.reference.config)
+    cfg["torch_dtype"] = _TORCH_NAME.get(dtype, str(dtype))
+    if "dtype" in cfg:
+        cfg["dtype"] = cfg["torch_dtype"]
+    for name, shape in prep.shapes.items():
+        if "embed_tokens" in name or name.endswith("wte.weight"):
+            if cfg.get("vocab_size") and shape[0] < int(cfg["vocab_size"]):
+                cfg["vocab_size"] = shape[0]
+    return cfg
+
+
+def _copy_tokenizer(source: str, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer copied from %s (%s)", source, exc)
+        return
+    tok.save_pretrained(folder)
+
+
+def _copy_generation_config(source: Path, folder: Path) -> None:
+    gen = source / "generation_config.json"
+    if gen.is_file():
+        (folder / "generation_config.json").write_text(gen.read_text())
+
+
+def model_card(prep: Prepared) -> str:
+    """A README.md naming the parents and holding the recipe."""
+    r = prep.plan.recipe
+    parents = "\n".join(f"- `{m}`" for m in prep.plan.models)
+    return (
+        "---\ntags: [merge, soupsearch]\n---\n\n"
+        f"# Merged model ({r.merge_method})\n\n"
+        f"Made by [soupsearch](https://pypi.org/project/soupsearch/) with `{r.merge_method}`"
+        f"{f' on base `{r.base_model}`' if r.base_model else ''}.\n\n"
+        f"## Parents\n\n{parents}\n\n"
+        "## Recipe\n\nmergekit-compatible (also saved as `recipe.yaml`); "
+        f"canonical hash `{r.hash()}`.\n\n```yaml\n{r.to_yaml()}```\n"
+    )
+
+
+def write_model_files(prep: Prepared, folder: Path,
+                      specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    """Writes config, tokenizer, generation config, recipe and model card."""
+    float_dtypes = [d for _, d, _ in specs if d.is_floating_point]
+    dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
+    cfg = output_config(prep, dtype)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    recipe = prep.plan.recipe
+    tok_src = recipe.tokenizer_source
+    if tok_src in (None, "base"):
+        tok_src = prep.reference.ref
+    _copy_tokenizer(str(prep.sources[tok_src].folder) if tok_src in prep.sources else tok_src,
+                    folder)
+    _copy_generation_config(prep.reference.folder, folder)
+    recipe.save(folder / "recipe.yaml")
+    (folder / "README.md").write_text(model_card(prep))

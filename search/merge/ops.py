@@ -1,0 +1,183 @@
+"""Pure tensor primitives shared by the merge methods.
+
+No I/O, no device moves, no NumPy: every function takes and returns tensors on the
+caller's device. ``x`` is a stack of inputs with the model on dimension 0.
+
+Example:
+    >>> import torch
+    >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    >>> slerp(0.5, a, b)
+    tensor([0.7071, 0.7071])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float type computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+    """Linear interpolation ``(1 - t) * v0 + t * v1``."""
+    return (1 - t) * v0 + t * v1
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor,
+          dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = SLERP_EPS) -> Tensor:
+    """Spherical interpolation of two whole tensors, each flattened to one vector.
+
+    Computed in float32 (float64 for float64 inputs) and returned in the input dtype.
+    The angle comes from the normalized vectors (a norm ``<= eps`` is not divided);
+    the result interpolates the unnormalized tensors. Falls back to :func:`lerp` when
+    ``|cos| > dot_threshold`` (nearly parallel or antiparallel).
+    """
+    wd = work_dtype(v0.dtype)
+    a, b = v0.to(wd), v1.to(wd)
+    if a.numel() == 0:
+        return lerp(t, a, b).to(v0.dtype)
+    na, nb = float(a.norm()), float(b.norm())
+    dot = float((a / (na if na > eps else 1.0) * (b / (nb if nb > eps else 1.0))).sum())
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > dot_threshold:
+        return lerp(t, a, b).to(v0.dtype)
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    s0 = math.sin((1 - t) * theta) / sin_theta
+    s1 = math.sin(t * theta) / sin_theta
+    return (s0 * a + s1 * b).to(v0.dtype)
+
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True,
+            row_wise: bool = False, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of vectors along the last axis (rows of a matrix),
+    along axis 0 when ``row_wise``, or of the whole tensor when ``flatten``.
+
+    Computed in the input dtype. Colinear vectors (``1 - cos² <= eps²``) are
+    interpolated linearly.
+    """
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    a_u = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    b_u = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (a_u * b_u).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos * cos) <= eps * eps
+    theta = torch.acos(cos)
+    sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
+    res = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+    res = torch.where(colinear, lerp(t, a, b), res)
+    if not flatten and row_wise:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def l1_rescale(masked: Tensor, original: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scales ``masked`` so its L1 norm matches ``original``'s (DARE/DELLA rescale).
+
+    Left unscaled when either norm is below ``eps``.
+    """
+    before = float(original.abs().sum())
+    after = float(masked.abs().sum())
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly ``k`` largest ``scores`` (ties broken by lower index).
+
+    Runs in linear time (a k-th value selection, not a sort), so it is deterministic
+    on every device.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    thr = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16)
+                         else flat, n - k + 1).values.to(flat.dtype)
+    mask = flat > thr
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = flat == thr
+        mask |= ties & (torch.cumsum(ties, 0) <= need)
+    return mask.reshape(scores.shape)
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Keeps the ``max(1, int(density * numel))`` largest magnitudes (TIES)."""
+    k = max(1, int(density * delta.numel()))
+    return topk_mask(delta.abs(), k)
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs: keeps ``int(density * numel)`` values whose magnitude ranks
+    lie just below the top ``int(gamma * numel)`` (the largest outliers and the
+    smallest values are dropped)."""
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    mag = delta.abs()
+    above_bottom = topk_mask(mag, n - n_bot)
+    in_top = topk_mask(mag, n_top)
+    return above_bottom & ~in_top
+
+
+def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
+    """Random keep mask with probability ``density`` (DARE)."""
+    probs = torch.full(delta.shape, density, dtype=sampling_dtype(delta), device=delta.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def sampling_dtype(t: Tensor) -> torch.dtype:
+    """dtype of random draws: float32 on CPU (bfloat16 stays), the tensor's own on GPU."""
+    if t.device.type != "cpu" or t.dtype == torch.bfloat16:
+        return t.dtype
+    return torch.float32
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA keep probabilities: magnitudes ranked along each row (dim 1; a 1-D
+    tensor is one row) mapped linearly onto ``[density - epsilon, density + epsilon]``,
+    the smallest magnitude getting the lowest probability."""
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order).contiguous())
+    scaled = ranks.to(sampling_dtype(delta)) / max(n - 1, 1)
+    probs = (density - epsilon) + scaled * (2 * epsilon)
+    return probs.reshape(delta.shape)
+
+
+def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
+    """Mask of entries agreeing with the elected sign (TIES).
+
+    ``sum`` elects the sign of the summed weighted deltas, ``count`` the sign held by
+    more models; zero elects positive.
+    """
+    if method == "sum":
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1, -1)
+    elif method == "count":
+        elected = torch.where(torch.sign(weighted).sum(dim=0) >= 0, 1, -1)
+    else:
+        raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
+    return torch.sign(weighted) == elected.to(weighted.dtype)

@@ -1,0 +1,152 @@
+"""Merging in memory: parents held once on a device, candidates written in place.
+
+:class:`ResidentParents` loads every parent once, each tensor stacked over models
+(``[n_models, ...]``) on the device. :class:`ResidentModel` owns ONE preallocated
+transformers model; :meth:`ResidentModel.materialize` writes a recipe's merge into its
+parameters in place, so thousands of candidates cost no disk I/O and no memory growth.
+Both executors call the same :class:`~search.merge.plan.MergePlan`, so a recipe gives
+the same tensors here as ``soup merge`` writes to disk.
+
+Example:
+    >>> parents = ResidentParents(["./base", "./math", "./code"], device="cpu")  # doctest: +SKIP
+    >>> resident = ResidentModel(parents)                                    # doctest: +SKIP
+    >>> model = resident.materialize(recipe)   # a torch.nn.Module, ready to evaluate
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from search.errors import IncompatibleModelsError, SoupError
+from search.merge.plan import MergePlan
+from search.merge.sources import check_compatible, open_model, read_for_merge
+from search.merge.streaming import DTYPE_BY_NAME, resolve_device
+from search.recipe import Recipe
+
+
+class ResidentParents:
+    """Every parent's tensors, stacked over models and held on ``device``.
+
+    Args:
+        models: model paths or hub ids; the first is the reference for the config.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        dtype: store the parents in this dtype (default: as on disk).
+        allow_pickle: accept pickle checkpoints.
+        truncate_vocab: crop vocab tensors to the smallest vocabulary.
+    """
+
+    def __init__(self, models: Sequence[str], *, device: str = "auto", dtype: str | None = None,
+                 allow_pickle: bool = False, truncate_vocab: bool = False) -> None:
+        if len(set(models)) != len(models):
+            raise SoupError("a parent is listed twice; list each model once")
+        self.models = tuple(models)
+        self.row = {m: i for i, m in enumerate(self.models)}
+        self.device = resolve_device(device)
+        sources = [open_model(m, allow_pickle=allow_pickle) for m in self.models]
+        self.shapes = check_compatible(sources, truncate_vocab)
+        self.num_layers = sources[0].num_layers
+        self.config: dict[str, Any] = dict(sources[0].config)
+        self.folder = sources[0].folder
+        self.dtypes = {m: dict(s.dtypes) for m, s in zip(self.models, sources)}
+        self.stacks: dict[str, Tensor] = {}
+        for name, shape in self.shapes.items():
+            stacked = torch.stack([read_for_merge(s, name, shape) for s in sources])
+            dt = DTYPE_BY_NAME[dtype] if dtype and stacked.is_floating_point() else stacked.dtype
+            self.stacks[name] = stacked.to(device=self.device, dtype=dt)
+        for s in sources:
+            s.close()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device."""
+        return sum(t.numel() * t.element_size() for t in self.stacks.values())
+
+    def work_dtype(self, recipe: Recipe, models: Sequence[str], name: str) -> torch.dtype:
+        """The dtype a merge of ``models`` computes ``name`` in (as ``soup merge`` does)."""
+        dts = [self.dtypes[m].get(name, torch.float32) for m in models]
+        if not dts[0].is_floating_point:
+            return dts[0]
+        if recipe.dtype:
+            return DTYPE_BY_NAME[recipe.dtype]
+        out = dts[0]
+        for d in dts[1:]:
+            out = torch.promote_types(out, d)
+        return out
+
+
+def _select(stack: Tensor, rows: list[int]) -> Tensor:
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return stack[rows[0]: rows[0] + len(rows)]
+    return stack[rows]
+
+
+class ResidentModel:
+    """One preallocated model on the parents' device, rewritten per candidate.
+
+    Args:
+        parents: the resident parents.
+        dtype: the model's dtype (default: the reference parent's).
+    """
+
+    def __init__(self, parents: ResidentParents, dtype: str | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.parents = parents
+        config = AutoConfig.from_pretrained(parents.folder)
+        embed = next((s for n, s in parents.shapes.items() if "embed_tokens" in n), None)
+        if embed is not None:
+            config.vocab_size = embed[0]
+        first = next(iter(parents.stacks.values()))
+        torch_dtype = DTYPE_BY_NAME[dtype] if dtype else first.dtype
+        with torch.device(parents.device):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        self.model.eval().requires_grad_(False)
+        state = self.model.state_dict()
+        missing = [n for n in parents.shapes if n not in state]
+        if missing:
+            raise IncompatibleModelsError(
+                f"tensor {missing[0]} of the parents has no place in a "
+                f"{config.model_type} model built from their config; the checkpoint and "
+                "config disagree"
+            )
+        self.targets = {n: state[n] for n in parents.shapes}
+
+    def materialize(self, recipe: Recipe, check_finite: bool = True) -> torch.nn.Module:
+        """Writes ``recipe``'s merge into the model's parameters and returns the model.
+
+        Raises :class:`SoupError` subclasses for bad recipes (before touching weights)
+        and :class:`~search.errors.NonFiniteMergeError` for NaN/inf results.
+        """
+        p = self.parents
+        plan = MergePlan.build(recipe)
+        unknown = [m for m in plan.models if m not in p.row]
+        if unknown:
+            raise SoupError(f"recipe uses model {unknown[0]!r}, which is not a resident "
+                            f"parent; parents are {list(p.models)}")
+        params = plan.resolve_all(list(p.shapes), p.num_layers)
+        rows = [p.row[m] for m in plan.inputs]
+        with torch.no_grad():
+            for name, target in self.targets.items():
+                self._merge_one(plan, name, params[name], rows, target, check_finite)
+        return self.model
+
+    def _merge_one(self, plan: MergePlan, name: str, params: dict[str, Any],
+                   rows: list[int], target: Tensor, check_finite: bool) -> None:
+        p = self.parents
+        stack = p.stacks[name]
+        wd = p.work_dtype(plan.recipe, plan.models, name)
+        x = _select(stack, rows)
+        base = stack[p.row[plan.base]] if plan.base else None
+        if x.dtype != wd:
+            x = x.to(wd)
+            base = None if base is None else base.to(wd)
+        out_dt = DTYPE_BY_NAME[plan.recipe.out_dtype] if plan.recipe.out_dtype else wd
+        if target.dtype == wd == out_dt:
+            plan.run(name, params, x, base, out=target, check_finite=check_finite)
+        else:
+            res = plan.run(name, params, x, base, check_finite=check_finite)
+            target.copy_(res.to(out_dt) if res.is_floating_point() else res)

@@ -1,0 +1,239 @@
+"""Parent models on disk: locate, inspect (headers only) and validate before merging.
+
+Local folders and Hugging Face hub ids both resolve through transformers' own file
+lookup (the hub cache, offline when ``HF_HUB_OFFLINE=1``). Weights are read from
+safetensors; pickle checkpoints are refused unless ``allow_pickle`` is set.
+
+Example:
+    >>> open_model("/no/such/model")
+    Traceback (most recent call last):
+    ...
+    search.errors.ModelNotFoundError: model '/no/such/model' not found: ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from search.errors import IncompatibleModelsError, ModelNotFoundError, PickleCheckpointError
+from search.merge.safetensors_io import INDEX_NAME, SafetensorsFile
+
+_PICKLE_INDEX = "pytorch_model.bin.index.json"
+_PICKLE_SINGLE = "pytorch_model.bin"
+VOCAB_TENSOR_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
+
+
+@dataclass
+class ModelSource:
+    """One parent: its folder, config, and tensor layout (read lazily, tensor by tensor).
+
+    Attributes:
+        ref: the name used in the recipe (path or hub id).
+        folder: the local folder holding its files.
+        config: the parsed ``config.json``.
+        shapes: tensor name -> shape; dtypes: tensor name -> dtype.
+    """
+
+    ref: str
+    folder: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    _files: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)
+    _pickled: dict[str, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        cfg = self.config.get("text_config", self.config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg:
+                return int(cfg[key])
+        raise IncompatibleModelsError(
+            f"model {self.ref!r}: config.json has no num_hidden_layers/n_layer; "
+            "is this a causal language model folder?"
+        )
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    def read(self, name: str) -> Tensor:
+        """One tensor, in new CPU memory, in the dtype stored on disk."""
+        if self._pickled is not None:
+            return self._pickled[name]
+        return self._files[name].read(name)
+
+    def close(self) -> None:
+        for f in set(self._files.values()):
+            f.close()
+
+
+def _lookup(ref: str, filename: str) -> Path | None:
+    local = Path(ref)
+    if local.is_dir():
+        p = local / filename
+        return p if p.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(ref, filename, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # noqa: BLE001 - any lookup failure means "not available here"
+        return None
+    return Path(found) if found else None
+
+
+def _index_files(ref: str, index: Path) -> dict[str, Path]:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files: dict[str, Path] = {}
+    for fname in sorted(set(weight_map.values())):
+        p = _lookup(ref, fname) if not Path(ref).is_dir() else index.parent / fname
+        if p is None or not p.is_file():
+            raise ModelNotFoundError(
+                f"model {ref!r}: shard {fname} listed in its index is missing; "
+                "re-download or re-save the model"
+            )
+        files[fname] = p
+    return {name: files[f] for name, f in weight_map.items()}
+
+
+def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
+    """Locates ``ref`` and reads its config and tensor headers (no weights).
+
+    Raises:
+        ModelNotFoundError: no local folder and nothing in the hub cache.
+        PickleCheckpointError: only pickle weights and ``allow_pickle`` is false.
+    """
+    cfg_path = _lookup(ref, "config.json")
+    if cfg_path is None:
+        where = ("the folder has no config.json" if Path(ref).is_dir() else
+                 "not a local folder and not in the Hugging Face cache")
+        raise ModelNotFoundError(
+            f"model {ref!r} not found: {where}; give a model folder path or a hub id "
+            "that is already downloaded (offline mode cannot fetch it)"
+        )
+    src = ModelSource(ref, cfg_path.parent, json.loads(cfg_path.read_text()))
+    index = _lookup(ref, INDEX_NAME)
+    single = _lookup(ref, "model.safetensors")
+    if index is not None:
+        by_name = _index_files(ref, index)
+    elif single is not None:
+        by_name = {n: single for n in SafetensorsFile(single).tensors}
+    else:
+        _open_pickle(src, allow_pickle)
+        return src
+    opened = {p: SafetensorsFile(p) for p in set(by_name.values())}
+    for name, p in by_name.items():
+        info = opened[p].tensors.get(name)
+        if info is None:
+            raise ModelNotFoundError(f"model {ref!r}: tensor {name} is in the index but not in {p.name}")
+        src._files[name] = opened[p]
+        src.shapes[name] = info.shape
+        src.dtypes[name] = info.dtype
+    return src
+
+
+def _open_pickle(src: ModelSource, allow_pickle: bool) -> None:
+    index = _lookup(src.ref, _PICKLE_INDEX)
+    single = _lookup(src.ref, _PICKLE_SINGLE)
+    if index is None and single is None:
+        raise ModelNotFoundError(
+            f"model {src.ref!r} has no weights (no model.safetensors, no index); "
+            "save it with save_pretrained(..., safe_serialization=True)"
+        )
+    if not allow_pickle:
+        raise PickleCheckpointError(
+            f"model {src.ref!r} only has pickle weights (pytorch_model.bin), which can run "
+            "code when loaded; convert it to safetensors or pass --allow-pickle if you trust it"
+        )
+    files = sorted(set(_index_files(src.ref, index).values())) if index else [single]
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    src._pickled = state
+    src.shapes = {k: tuple(v.shape) for k, v in state.items()}
+    src.dtypes = {k: v.dtype for k, v in state.items()}
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Whether a tensor is indexed by token id (embeddings, LM head)."""
+    return any(h in name for h in VOCAB_TENSOR_HINTS)
+
+
+def _arch(src: ModelSource) -> tuple[str, ...]:
+    return (str(src.config.get("model_type")), *(src.config.get("architectures") or ()))
+
+
+def check_compatible(sources: list[ModelSource], truncate_vocab: bool = False) -> dict[str, tuple[int, ...]]:
+    """Checks that parents can be merged tensor by tensor.
+
+    Returns the output shape of every tensor (vocab tensors cropped to the smallest
+    vocabulary when ``truncate_vocab``). The first source is the reference.
+    """
+    ref = sources[0]
+    shapes = dict(ref.shapes)
+    for src in sources[1:]:
+        if _arch(src)[0] != _arch(ref)[0]:
+            raise IncompatibleModelsError(
+                f"model {src.ref!r} is a {_arch(src)[0]} but {ref.ref!r} is a {_arch(ref)[0]}; "
+                "merge only models fine-tuned from the same base"
+            )
+        if src.num_layers != ref.num_layers:
+            raise IncompatibleModelsError(
+                f"model {src.ref!r} has {src.num_layers} layers but {ref.ref!r} has "
+                f"{ref.num_layers}; merge only models with the same architecture"
+            )
+        missing = sorted(set(ref.shapes) - set(src.shapes) - _tied_ok(src))
+        extra = sorted(set(src.shapes) - set(ref.shapes) - _tied_ok(ref))
+        if missing or extra:
+            what = f"lacks tensor {missing[0]}" if missing else f"has extra tensor {extra[0]}"
+            raise IncompatibleModelsError(
+                f"model {src.ref!r} {what} that {ref.ref!r} "
+                f"{'has' if missing else 'lacks'}; the architectures differ"
+            )
+        for name, shape in ref.shapes.items():
+            other = src.shapes.get(name)
+            if other is None or other == shape:
+                continue
+            if is_vocab_tensor(name) and other[1:] == shape[1:]:
+                if not truncate_vocab:
+                    raise IncompatibleModelsError(
+                        f"tensor {name}: vocabulary size {other[0]} in {src.ref!r} but "
+                        f"{shape[0]} in {ref.ref!r}; use the same tokenizer, or pass "
+                        "--truncate-vocab to keep the first rows common to all models"
+                    )
+                shapes[name] = (min(shapes[name][0], other[0]), *shape[1:])
+                continue
+            raise IncompatibleModelsError(
+                f"tensor {name} has shape {list(other)} in {src.ref!r} but {list(shape)} in "
+                f"{ref.ref!r}; merge only models with the same architecture"
+            )
+    return shapes
+
+
+def _tied_ok(src: ModelSource) -> set[str]:
+    """Names a model may lack because its LM head is tied to its embeddings."""
+    return {"lm_head.weight"} if src.tied_embeddings else set()
+
+
+def read_for_merge(src: ModelSource, name: str, shape: tuple[int, ...]) -> Tensor:
+    """Reads ``name`` from ``src`` cropped to ``shape``; a tied LM head reads the
+    embeddings."""
+    if name not in src.shapes and name == "lm_head.weight":
+        name = next(n for n in src.shapes if "embed_tokens" in n or n.endswith("wte.weight"))
+    t = src.read(name)
+    if tuple(t.shape) != tuple(shape):
+        t = t[tuple(slice(0, d) for d in shape)]
+    return t
+
+
+def default_cache_dir() -> Path:
+    """The project's cache folder (``SOUP_CACHE`` or ``.cache`` in the working dir)."""
+    return Path(os.environ.get("SOUP_CACHE", ".cache"))

@@ -1,0 +1,184 @@
+"""Merging to disk: safetensors in, sharded safetensors out, tensor by tensor.
+
+Peak memory is one output tensor plus one tensor per parent. The output folder
+appears only when complete: everything is written into a hidden temporary folder
+beside it, which is renamed at the end (and removed if anything fails).
+
+Example:
+    >>> from search.recipe import Recipe
+    >>> merge_to_disk(Recipe.load("recipe.yaml"), "out")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from search.errors import OutputExistsError, SoupError
+from search.merge import layers
+from search.merge.plan import MergePlan
+from search.merge.safetensors_io import ShardedWriter
+from search.merge.sources import ModelSource, check_compatible, open_model, read_for_merge
+from search.recipe import Recipe
+
+log = logging.getLogger(__name__)
+DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (independent of what the recipe says).
+
+    Attributes:
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        allow_pickle: load pickle checkpoints (they can run code).
+        truncate_vocab: crop embeddings/LM heads to the smallest vocabulary.
+        max_shard_bytes: output shard size.
+        check_finite: fail on NaN/inf in merged tensors.
+        force: replace an existing output folder.
+    """
+
+    device: str = "auto"
+    allow_pickle: bool = False
+    truncate_vocab: bool = False
+    max_shard_bytes: int = 2 * 1024**3
+    check_finite: bool = True
+    force: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SoupError(f"device {device!r} requested but CUDA is not available; "
+                        "use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SoupError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def work_dtype(recipe: Recipe, sources: list[ModelSource], name: str) -> torch.dtype:
+    """The recipe's ``dtype``, else the parents' dtypes promoted (mergekit's rule)."""
+    dt = sources[0].dtypes.get(name, torch.float32)
+    if not dt.is_floating_point:
+        return dt
+    if recipe.dtype:
+        return DTYPE_BY_NAME[recipe.dtype]
+    for s in sources[1:]:
+        dt = torch.promote_types(dt, s.dtypes.get(name, dt))
+    return dt
+
+
+def out_dtype(recipe: Recipe, work: torch.dtype) -> torch.dtype:
+    return DTYPE_BY_NAME[recipe.out_dtype] if recipe.out_dtype else work
+
+
+@dataclass
+class Prepared:
+    """A validated merge: plan, opened parents, output shapes and parameters."""
+
+    plan: MergePlan
+    sources: dict[str, ModelSource]
+    shapes: dict[str, tuple[int, ...]]
+    params: dict[str, dict]
+
+    @property
+    def reference(self) -> ModelSource:
+        """The model whose config, tokenizer and tensor order the output follows."""
+        ref = self.plan.base or self.plan.recipe.base_model or self.plan.models[0]
+        return self.sources.get(ref) or self.sources[self.plan.models[0]]
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
+
+
+def prepare(recipe: Recipe, options: MergeOptions) -> Prepared:
+    """All validation, before any tensor is read."""
+    plan = MergePlan.build(recipe)
+    if recipe.tokenizer_source == "union":
+        raise SoupError("tokenizer_source: union is not supported; use 'base' or a model "
+                        "path whose tokenizer all parents share")
+    sources = {m: open_model(m, allow_pickle=options.allow_pickle) for m in plan.models}
+    ordered = [sources[m] for m in ([plan.base] if plan.base else []) + list(plan.inputs)]
+    shapes = check_compatible(ordered, options.truncate_vocab)
+    params = plan.resolve_all(list(shapes), ordered[0].num_layers)
+    return Prepared(plan, sources, shapes, params)
+
+
+def merge_tensor(prep: Prepared, name: str, device: torch.device,
+                 check_finite: bool) -> torch.Tensor:
+    """Reads one tensor from every parent and merges it on ``device``."""
+    plan, shape = prep.plan, prep.shapes[name]
+    srcs = [prep.sources[m] for m in plan.models]
+    wd = work_dtype(plan.recipe, srcs, name)
+    x = torch.stack([read_for_merge(prep.sources[m], name, shape) for m in plan.inputs])
+    x = x.to(device=device, dtype=wd if x.is_floating_point() else x.dtype)
+    base = None
+    if plan.base:
+        base = read_for_merge(prep.sources[plan.base], name, shape).to(device=device, dtype=wd)
+    res = plan.run(name, prep.params[name], x, base, check_finite=check_finite)
+    return res.to(out_dtype(plan.recipe, wd)) if res.is_floating_point() else res
+
+
+def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
+                  options: MergeOptions | None = None) -> Path:
+    """Merges ``recipe`` into a Hugging Face model folder at ``out_dir``.
+
+    Returns the output folder. Raises :class:`SoupError` subclasses for bad input.
+    """
+    opts = options or MergeOptions()
+    out = Path(out_dir)
+    if out.exists() and not opts.force:
+        raise OutputExistsError(f"output folder {str(out)!r} exists; choose another "
+                                "or pass --force to replace it")
+    device = resolve_device(opts.device)
+    prep = prepare(recipe, opts)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        names = list(prep.shapes)
+        srcs = list(prep.sources.values())
+        specs = []
+        for n in names:
+            wd = work_dtype(recipe, srcs, n)
+            dt = out_dtype(recipe, wd) if wd.is_floating_point else wd
+            specs.append((n, dt, prep.shapes[n]))
+        writer = ShardedWriter(tmp, specs, opts.max_shard_bytes)
+        for n in names:
+            writer.write(n, merge_tensor(prep, n, device, opts.check_finite))
+        writer.close()
+        from search.merge.model_files import write_model_files
+
+        write_model_files(prep, tmp, specs)
+        _replace(tmp, out, opts.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        prep.close()
+    log.info("merged %d tensors into %s in %.2fs", len(prep.shapes), out, time.perf_counter() - t0)
+    return out
+
+
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"output folder {str(out)!r} appeared during the merge")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
