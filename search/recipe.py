@@ -90,9 +90,11 @@ def _canon_value(value: Any, where: str) -> Any:
             return conds
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return [_canon_value(v, where) for v in value]
+        if all(isinstance(v, bool) for v in value) or all(isinstance(v, str) for v in value):
+            return list(value)  # stepped across depth, as in mergekit
         raise RecipeError(
-            f"{where}: a list must hold only numbers (a per-layer gradient) or only "
-            f"{{filter, value}} conditions"
+            f"{where}: a list must hold only numbers (a per-layer gradient), only "
+            f"true/false steps, or only {{filter, value}} conditions"
         )
     raise RecipeError(f"{where}: unsupported value {value!r} of type {type(value).__name__}")
 

@@ -48,7 +48,7 @@ def _rescale(default: bool) -> ParamSpec:
 def _sparsify(delta: Tensor, how: str, i: int, generator: torch.Generator | None,
               rescale: bool, p: dict[str, Any]) -> Tensor:
     density = float(p["density"][i])
-    if how == "none" or density >= 1.0:
+    if density >= 1.0:
         return delta
     if how == "magnitude":
         return delta * ops.magnitude_mask(delta, density)
@@ -72,8 +72,12 @@ def pipeline(x: Tensor, *, base: Tensor | None, sparsify: str, consensus: str | 
         raise ValueError("task arithmetic needs a base model")
     deltas = x - base
     rescale = bool(p.get("rescale", False))
-    for i in range(deltas.shape[0]):
-        deltas[i] = _sparsify(deltas[i], sparsify, i, generator, rescale, p)
+    if sparsify != "none":
+        for i in range(deltas.shape[0]):
+            row = deltas[i]
+            sparse = _sparsify(row, sparsify, i, generator, rescale, p)
+            if sparse is not row:
+                row.copy_(sparse)
     shape = (-1,) + (1,) * (deltas.dim() - 1)
     w = torch.tensor(p["weight"], dtype=deltas.dtype, device=deltas.device).view(shape)
     weighted = deltas.mul_(w)
