@@ -56,7 +56,7 @@ def evaluate(value: Any, name: str, t: float) -> Any:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return value[int(t * (len(value) - 1))]  # bools/strings step, no blending
         scaled = t * (len(value) - 1)
-        i0 = min(int(math.floor(scaled)), len(value) - 1)
+        i0 = min(math.floor(scaled), len(value) - 1)
         i1 = min(i0 + 1, len(value) - 1)
         frac = scaled - i0
         return (1 - frac) * value[i0] + frac * value[i1]

@@ -33,12 +33,14 @@ def linear(x: Tensor, *, base: Tensor | None = None, out: Tensor | None = None,
     w = torch.tensor(params["weight"], dtype=wd, device=x.device)
     flat = x.reshape(x.shape[0], -1)
     flat = flat if flat.dtype == wd else flat.to(wd)
-    direct = out is not None and out.dtype == wd and out.is_contiguous()
-    res = torch.matmul(w.unsqueeze(0), flat, out=out.view(1, -1) if direct else None)
+    if out is not None and out.dtype == wd and out.is_contiguous():
+        torch.matmul(w.unsqueeze(0), flat, out=out.view(1, -1))
+        if params["normalize"]:
+            out.div_(w.sum())
+        return out
+    res = torch.matmul(w.unsqueeze(0), flat)
     if params["normalize"]:
         res.div_(w.sum())
-    if direct:
-        return out  # type: ignore[return-value]
     return _into(out, res.reshape(x.shape[1:]).to(x.dtype))
 
 

@@ -25,9 +25,9 @@ def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:
     if "dtype" in cfg:
         cfg["dtype"] = cfg["torch_dtype"]
     for name, shape in prep.shapes.items():
-        if "embed_tokens" in name or name.endswith("wte.weight"):
-            if cfg.get("vocab_size") and shape[0] < int(cfg["vocab_size"]):
-                cfg["vocab_size"] = shape[0]
+        is_embed = "embed_tokens" in name or name.endswith("wte.weight")
+        if is_embed and cfg.get("vocab_size") and shape[0] < int(cfg["vocab_size"]):
+            cfg["vocab_size"] = shape[0]
     return cfg
 
 

@@ -97,12 +97,12 @@ class MergePlan:
                 out[spec.name] = tuple(self._value(spec, name, t, m) for m in self.inputs)
             else:
                 out[spec.name] = self._value(spec, name, t, None)
-        if self.method.normalize_sum and out.get("normalize", True) and "weight" in out:
-            if abs(sum(out["weight"])) < 1e-8:
-                raise InvalidRecipeError(
-                    f"weights sum to 0 for tensor {name} with normalize: true; change the "
-                    "weights or set normalize: false"
-                )
+        divides = self.method.normalize_sum and out.get("normalize", True) and "weight" in out
+        if divides and abs(sum(out["weight"])) < 1e-8:
+            raise InvalidRecipeError(
+                f"weights sum to 0 for tensor {name} with normalize: true; change the "
+                "weights or set normalize: false"
+            )
         problem = self.method.check(out) if self.method.check else None
         if problem:
             raise InvalidRecipeError(f"{self.method.name}, tensor {name}: {problem}")

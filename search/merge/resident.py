@@ -51,7 +51,7 @@ class ResidentParents:
         self.num_layers = sources[0].num_layers
         self.config: dict[str, Any] = dict(sources[0].config)
         self.folder = sources[0].folder
-        self.dtypes = {m: dict(s.dtypes) for m, s in zip(self.models, sources)}
+        self.dtypes = {m: dict(s.dtypes) for m, s in zip(self.models, sources, strict=False)}
         self.stacks: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():
             stacked = torch.stack([read_for_merge(s, name, shape) for s in sources])

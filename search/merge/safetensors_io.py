@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from io import BufferedReader, BufferedWriter
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -64,11 +64,13 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, meta in header.items():
             if meta["dtype"] not in DTYPES:
-                raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {meta['dtype']}")
+                raise ValueError(
+                    f"{self.path}: tensor {name} has unsupported dtype {meta['dtype']}"
+                )
             lo, hi = meta["data_offsets"]
             self.tensors[name] = TensorInfo(self.path, DTYPES[meta["dtype"]],
                                             tuple(meta["shape"]), 8 + n + lo, 8 + n + hi)
-        self._fh: BinaryIO | None = None
+        self._fh: BufferedReader | None = None
 
     def read(self, name: str) -> Tensor:
         """Reads one tensor into new CPU memory."""
@@ -122,7 +124,7 @@ class ShardedWriter:
         self._order = [(i, s) for i, shard in enumerate(shards) for s in shard]
         self._pos = 0
         self._open: int | None = None
-        self._fh: BinaryIO | None = None
+        self._fh: BufferedWriter | None = None
         self.total_size = sum(_nbytes(s[1], s[2]) for s in specs)
 
     def _start_shard(self, i: int) -> None:
@@ -153,7 +155,7 @@ class ShardedWriter:
         assert self._fh is not None
         if tensor.numel():
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._fh.write(memoryview(data.numpy()))
+            self._fh.write(data.numpy().data)
         self._pos += 1
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,7 @@ def _lookup(ref: str, filename: str) -> Path | None:
     try:
         found = cached_file(ref, filename, _raise_exceptions_for_missing_entries=False,
                             _raise_exceptions_for_connection_errors=False)
-    except Exception:  # noqa: BLE001 - any lookup failure means "not available here"
+    except Exception:
         return None
     return Path(found) if found else None
 
@@ -133,7 +132,9 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
     for name, p in by_name.items():
         info = opened[p].tensors.get(name)
         if info is None:
-            raise ModelNotFoundError(f"model {ref!r}: tensor {name} is in the index but not in {p.name}")
+            raise ModelNotFoundError(
+                f"model {ref!r}: tensor {name} is in the index but not in {p.name}"
+            )
         src._files[name] = opened[p]
         src.shapes[name] = info.shape
         src.dtypes[name] = info.dtype
@@ -153,7 +154,7 @@ def _open_pickle(src: ModelSource, allow_pickle: bool) -> None:
             f"model {src.ref!r} only has pickle weights (pytorch_model.bin), which can run "
             "code when loaded; convert it to safetensors or pass --allow-pickle if you trust it"
         )
-    files = sorted(set(_index_files(src.ref, index).values())) if index else [single]
+    files = sorted(set(_index_files(src.ref, index).values())) if index else [Path(str(single))]
     state: dict[str, Tensor] = {}
     for f in files:
         state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
@@ -171,7 +172,8 @@ def _arch(src: ModelSource) -> tuple[str, ...]:
     return (str(src.config.get("model_type")), *(src.config.get("architectures") or ()))
 
 
-def check_compatible(sources: list[ModelSource], truncate_vocab: bool = False) -> dict[str, tuple[int, ...]]:
+def check_compatible(sources: list[ModelSource],
+                     truncate_vocab: bool = False) -> dict[str, tuple[int, ...]]:
     """Checks that parents can be merged tensor by tensor.
 
     Returns the output shape of every tensor (vocab tensors cropped to the smallest
@@ -233,7 +235,3 @@ def read_for_merge(src: ModelSource, name: str, shape: tuple[int, ...]) -> Tenso
         t = t[tuple(slice(0, d) for d in shape)]
     return t
 
-
-def default_cache_dir() -> Path:
-    """The project's cache folder (``SOUP_CACHE`` or ``.cache`` in the working dir)."""
-    return Path(os.environ.get("SOUP_CACHE", ".cache"))

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from search.errors import OutputExistsError, SoupError
-from search.merge import layers
 from search.merge.plan import MergePlan
 from search.merge.safetensors_io import ShardedWriter
 from search.merge.sources import ModelSource, check_compatible, open_model, read_for_merge

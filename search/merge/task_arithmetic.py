@@ -136,8 +136,8 @@ _FORMULA = {
 
 
 def _check_della(p: dict[str, Any]) -> str | None:
-    for i, (d, e) in enumerate(zip(p["density"], p["epsilon"])):
-        if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
+    for i, (d, e) in enumerate(zip(p["density"], p["epsilon"], strict=False)):
+        if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
             return (f"model {i}: density ± epsilon must lie inside (0, 1), got density {d:g} "
                     f"and epsilon {e:g}; lower epsilon or move density away from 0 and 1")
     return None

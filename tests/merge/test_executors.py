@@ -37,7 +37,7 @@ def recipe_for(method: str, fam: dict[str, Path], **global_params: Any) -> Recip
     if m.spec("lambda"):
         params["lambda"] = 0.9
     data = {"merge_method": method, "models": [
-        {"model": e, "parameters": p} for e, p in zip(experts, per_model)]}
+        {"model": e, "parameters": p} for e, p in zip(experts, per_model, strict=False)]}
     if m.base != "ignored":
         data["base_model"] = str(fam["base"])
     if params:
