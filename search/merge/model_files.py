@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,19 @@ def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:
     return cfg
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
+
+
 def _copy_tokenizer(source: str, folder: Path) -> None:
+    """Copies the tokenizer files byte for byte (falls back to transformers' loader)."""
+    src = Path(source)
+    found = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    if found:
+        for f in found:
+            shutil.copyfile(f, folder / f.name)
+        return
     from transformers import AutoTokenizer
 
     try:

@@ -96,11 +96,44 @@ def l1_rescale(masked: Tensor, original: Tensor, eps: float = 1e-7) -> Tensor:
     return masked * (before / after)
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of exactly ``k`` largest ``scores`` (ties broken by lower index).
+def _kth_largest(flat: Tensor, k: int) -> Tensor:
+    """The k-th largest of non-negative values (1-based), by radix selection.
 
-    Runs in linear time (a k-th value selection, not a sort), so it is deterministic
-    on every device.
+    Non-negative IEEE floats order like their bit patterns read as integers, so a
+    histogram of the high bits finds the bucket holding the k-th value in one pass and
+    a second histogram of the low bits inside that bucket finishes the job (float32;
+    16-bit floats need one pass). Linear time, no sort.
+    """
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        bits = flat.view(torch.int16).to(torch.int32)
+        hist = torch.bincount(bits, minlength=1 << 15)
+        above = torch.cumsum(hist.flip(0), 0)
+        idx = int(torch.searchsorted(above, torch.tensor(k, device=flat.device)))
+        value = torch.tensor((1 << 15) - 1 - idx, dtype=torch.int16, device=flat.device)
+        return value.view(flat.dtype)
+    if flat.dtype != torch.float32:
+        return torch.kthvalue(flat, flat.numel() - k + 1).values
+    bits = flat.view(torch.int32)
+    high = bits >> 16
+    hist = torch.bincount(high, minlength=1 << 15)
+    above = torch.cumsum(hist.flip(0), 0)
+    idx = int(torch.searchsorted(above, torch.tensor(k, device=flat.device)))
+    bucket = (1 << 15) - 1 - idx
+    before = int(above[idx - 1]) if idx > 0 else 0
+    low = bits[high == bucket] & 0xFFFF
+    hist2 = torch.bincount(low, minlength=1 << 16)
+    above2 = torch.cumsum(hist2.flip(0), 0)
+    idx2 = int(torch.searchsorted(above2, torch.tensor(k - before, device=flat.device)))
+    value = torch.tensor((bucket << 16) | ((1 << 16) - 1 - idx2), dtype=torch.int32,
+                         device=flat.device)
+    return value.view(torch.float32)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly ``k`` largest non-negative ``scores``.
+
+    Ties are broken by position (lower index first), so the kept set equals
+    ``magnitude_ranks(scores) < k`` on every device.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -108,23 +141,38 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    thr = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16)
-                         else flat, n - k + 1).values.to(flat.dtype)
-    mask = flat > thr
-    need = k - int(mask.sum())
-    if need > 0:
+    thr = _kth_largest(flat, k)
+    mask = flat >= thr
+    extra = int(mask.sum()) - k
+    if extra > 0:  # more values equal the threshold than fit: keep the first ones
         ties = flat == thr
-        mask |= ties & (torch.cumsum(ties, 0) <= need)
+        keep = int(ties.sum()) - extra
+        mask = (flat > thr) | (ties & (torch.cumsum(ties, 0) <= keep))
     return mask.reshape(scores.shape)
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+def magnitude_ranks(delta: Tensor) -> Tensor:
+    """Each entry's position when ordered by magnitude, largest first, ties by index.
+
+    ``magnitude_ranks(d) < k`` is the same mask as ``topk_mask(d.abs(), k)``.
+    """
+    flat = delta.reshape(-1).abs()
+    order = torch.argsort(flat, descending=True, stable=True)
+    ranks = torch.empty(flat.numel(), dtype=torch.int32, device=delta.device)
+    ranks[order] = torch.arange(flat.numel(), dtype=torch.int32, device=delta.device)
+    return ranks.reshape(delta.shape)
+
+
+def magnitude_mask(delta: Tensor, density: float, ranks: Tensor | None = None) -> Tensor:
     """Keeps the ``max(1, int(density * numel))`` largest magnitudes (TIES)."""
     k = max(1, int(density * delta.numel()))
+    if ranks is not None:
+        return ranks < k
     return topk_mask(delta.abs(), k)
 
 
-def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+def outlier_mask(delta: Tensor, density: float, gamma: float,
+                 ranks: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs: keeps ``int(density * numel)`` values whose magnitude ranks
     lie just below the top ``int(gamma * numel)`` (the largest outliers and the
     smallest values are dropped)."""
@@ -135,16 +183,19 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
+    if ranks is not None:
+        return (ranks >= n_top) & (ranks < n - n_bot)
     mag = delta.abs()
-    above_bottom = topk_mask(mag, n - n_bot)
-    in_top = topk_mask(mag, n_top)
-    return above_bottom & ~in_top
+    return topk_mask(mag, n - n_bot) & ~topk_mask(mag, n_top)
 
 
-def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """Random keep mask with probability ``density`` (DARE)."""
-    probs = torch.full(delta.shape, density, dtype=sampling_dtype(delta), device=delta.device)
-    return torch.bernoulli(probs, generator=generator).bool()
+def bernoulli_mask(delta: Tensor, density: float | Tensor,
+                   generator: torch.Generator | None) -> Tensor:
+    """Random keep mask, each entry kept with probability ``density`` (a number or a
+    tensor of per-entry probabilities): ``uniform[0, 1) < density``."""
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32,
+                       device=delta.device)
+    return draws < density
 
 
 def sampling_dtype(t: Tensor) -> torch.dtype:

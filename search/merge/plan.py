@@ -34,6 +34,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _finite(t: Tensor) -> bool:
+    """All values finite; one read pass, no temporary (NaN propagates through min/max)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """A validated recipe with its roles resolved.
@@ -113,8 +121,13 @@ class MergePlan:
         return {n: self.params_for(n, layers.depth(n, num_layers)) for n in names}
 
     def run(self, name: str, params: dict[str, Any], x: Tensor, base: Tensor | None,
-            out: Tensor | None = None, check_finite: bool = True) -> Tensor:
-        """Merges one tensor. ``x`` stacks :attr:`inputs`; writes into ``out`` if given."""
+            out: Tensor | None = None, check_finite: bool = True,
+            ranks: list[Tensor] | None = None) -> Tensor:
+        """Merges one tensor. ``x`` stacks :attr:`inputs`; writes into ``out`` if given.
+
+        ``ranks`` (for methods with ``uses_ranks``) are precomputed magnitude orders of
+        each input's task vector; they change the speed, never the result.
+        """
         if not x.is_floating_point():
             if any(not torch.equal(x[0], x[i]) for i in range(1, x.shape[0])):
                 raise InvalidRecipeError(
@@ -124,9 +137,11 @@ class MergePlan:
         gen = None
         if self.method.random:
             gen = torch.Generator(device=x.device).manual_seed(tensor_seed(self.seed, name))
-        extra = {"generator": gen} if gen is not None else {}
+        extra: dict[str, Any] = {"generator": gen} if gen is not None else {}
+        if ranks is not None and self.method.uses_ranks:
+            extra["ranks"] = ranks
         res = self.method.fn(x, base=base, out=out, **extra, **params)
-        if check_finite and not bool(torch.isfinite(res).all()):
+        if check_finite and not _finite(res):
             raise NonFiniteMergeError(
                 f"merged tensor {name} has NaN or infinite values ({self.method.name}); "
                 "check the parents for NaNs and use smaller weights or lambda"

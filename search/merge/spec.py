@@ -94,6 +94,8 @@ class MergeMethod:
             ``normalize`` is true, so a zero sum is invalid.
         check: optional cross-parameter check on one tensor's resolved parameters;
             returns a problem description or ``None``.
+        uses_ranks: ``fn`` accepts ``ranks``, the magnitude order of each input's task
+            vector, which a resident executor can compute once per parent.
     """
 
     name: str
@@ -107,6 +109,7 @@ class MergeMethod:
     formula: str = ""
     normalize_sum: bool = False
     check: Callable[[dict[str, Any]], str | None] | None = None
+    uses_ranks: bool = False
 
     def spec(self, name: str) -> ParamSpec | None:
         """The spec called ``name``, if any."""

@@ -45,61 +45,98 @@ def _rescale(default: bool) -> ParamSpec:
                      doc="scale kept entries so the task vector keeps its L1 norm")
 
 
-def _sparsify(delta: Tensor, how: str, i: int, generator: torch.Generator | None,
-              rescale: bool, p: dict[str, Any]) -> Tensor:
+def _sparsify_(delta: Tensor, how: str, i: int, generator: torch.Generator | None,
+               rescale: bool, ranks: Tensor | None, p: dict[str, Any]) -> None:
+    """Sparsifies one task vector in place."""
     density = float(p["density"][i])
     if density >= 1.0:
-        return delta
+        return
+    rank = None if ranks is None else ranks[i]
     if how == "magnitude":
-        return delta * ops.magnitude_mask(delta, density)
+        delta.mul_(ops.magnitude_mask(delta, density, rank))
+        return
     if how == "outliers":
-        return delta * ops.outlier_mask(delta, density, float(p["gamma"][i]))
+        delta.mul_(ops.outlier_mask(delta, density, float(p["gamma"][i]), rank))
+        return
+    original = delta.clone() if rescale else None
     if how == "random":
-        kept = delta * ops.bernoulli_mask(delta, density, generator)
+        delta.mul_(ops.bernoulli_mask(delta, density, generator))
     elif how == "della":
         probs = ops.della_probabilities(delta, density, float(p["epsilon"][i]))
-        kept = delta * torch.bernoulli(probs, generator=generator).bool()
+        delta.mul_(ops.bernoulli_mask(delta, probs, generator))
     else:
         raise ValueError(f"unknown sparsification {how!r}")
-    return ops.l1_rescale(kept, delta) if rescale else kept
+    if original is not None:
+        delta.copy_(ops.l1_rescale(delta, original))
+
+
+def _rowsum(rows: Tensor) -> Tensor:
+    """Sum over dim 0 by sequential adds (faster than ``sum(0)`` for a few rows)."""
+    total = rows[0].clone()
+    for i in range(1, rows.shape[0]):
+        total.add_(rows[i])
+    return total
+
+
+def _consensus_mix(weighted: Tensor, w: list[float], method: str) -> tuple[Tensor, Tensor]:
+    """Sum of the entries agreeing with the elected sign, and the sum of their weights.
+
+    The elected sign ``e`` is +1 where the sum (``sum``) or the sign count (``count``)
+    is >= 0, else -1; zero entries never agree. With ``e = ±1``, an entry ``r`` agrees
+    iff ``r·e > 0``, so ``Σ r·[agree] = e · Σ max(r·e, 0)``: no masks are stored.
+    """
+    total = _rowsum(weighted) if method == "sum" else _rowsum(torch.sign(weighted))
+    # copysign keeps +0 -> +1 (mergekit elects + on a zero sum); a -0 sum only arises
+    # when every entry is zero, where no entry agrees either way.
+    elected = torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for i in range(weighted.shape[0]):
+        agreeing = torch.mul(weighted[i], elected).clamp_(min=0)
+        mixed.add_(agreeing)
+        divisor.add_(agreeing > 0, alpha=w[i])
+    mixed.mul_(elected)
+    divisor.masked_fill_(divisor == 0, 1)
+    return mixed, divisor
 
 
 def pipeline(x: Tensor, *, base: Tensor | None, sparsify: str, consensus: str | None,
              out: Tensor | None = None, generator: torch.Generator | None = None,
-             **p: Any) -> Tensor:
-    """The shared task-arithmetic pipeline (module docstring); ``p`` holds the params."""
+             ranks: Tensor | None = None, **p: Any) -> Tensor:
+    """The shared task-arithmetic pipeline (module docstring); ``p`` holds the params.
+
+    ``ranks`` (optional, ``[n, ...]`` int) are the positions of each task vector's
+    entries ordered by magnitude, largest first, ties by index; an executor that keeps
+    them saves the selection work of magnitude sparsifiers (same result either way).
+    """
     if base is None:
         raise ValueError("task arithmetic needs a base model")
-    deltas = x - base
+    deltas = torch.sub(x, base)
     rescale = bool(p.get("rescale", False))
     if sparsify != "none":
         for i in range(deltas.shape[0]):
-            row = deltas[i]
-            sparse = _sparsify(row, sparsify, i, generator, rescale, p)
-            if sparse is not row:
-                row.copy_(sparse)
+            _sparsify_(deltas[i], sparsify, i, generator, rescale, ranks, p)
+    weights = [float(v) for v in p["weight"]]
     shape = (-1,) + (1,) * (deltas.dim() - 1)
-    w = torch.tensor(p["weight"], dtype=deltas.dtype, device=deltas.device).view(shape)
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(shape)
     weighted = deltas.mul_(w)
     if consensus is not None:
-        mask = ops.sign_consensus(weighted, consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mixed, divisor = _consensus_mix(weighted, [float(v) for v in w.flatten()], consensus)
+        if p["normalize"]:
+            mixed.div_(divisor)
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if p["normalize"]:
-        mixed /= divisor
+        mixed = _rowsum(weighted)
+        total = float(w.sum())
+        if p["normalize"]:
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
     lam = float(p["lambda"])
     if lam != 1.0:
-        mixed *= lam
+        mixed.mul_(lam)
     if out is None:
-        return base + mixed
+        return mixed.add_(base)
     if out.dtype == base.dtype:
         return torch.add(base, mixed, out=out)
-    return out.copy_(base + mixed)
+    return out.copy_(mixed.add_(base))
 
 
 # name: (sparsify, consensus, normalize default, rescale default, extra params, summary)
@@ -157,6 +194,7 @@ def _make(name: str) -> MergeMethod:
     formula = (f"{_FORMULA[sparsify]};  θ = θ_base + λ · Σᵢ wᵢ δᵢ{sign}"
                f"{' / Σ agreeing wᵢ' if norm else ''} (normalize default {norm})")
     return MergeMethod(name, fn, params, base="required", min_models=1,
+                       uses_ranks=sparsify in ("magnitude", "outliers"),
                        random=sparsify in ("random", "della"), summary=summary,
                        formula=formula, normalize_sum=consensus is None,
                        check=_check_della if sparsify == "della" else None)

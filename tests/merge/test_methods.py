@@ -252,3 +252,27 @@ def test_model_stock_formula() -> None:
 def test_sign_consensus_zero_elects_positive() -> None:
     w = torch.tensor([[1.0, -1.0], [-1.0, -2.0]])
     assert ops.sign_consensus(w).tolist() == [[True, True], [False, True]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_topk_mask_equals_rank_order_with_many_ties(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    d = (torch.randint(-4, 5, (5000,), generator=g).float() / 4).to(dtype)  # many ties
+    ranks = ops.magnitude_ranks(d)
+    for density in (0.01, 0.3, 0.5, 0.77, 0.999):
+        k = max(1, int(density * d.numel()))
+        mask = ops.topk_mask(d.abs(), k)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, ranks < k)
+        assert torch.equal(ops.magnitude_mask(d, density), ops.magnitude_mask(d, density, ranks))
+        assert torch.equal(ops.outlier_mask(d, density, 0.05),
+                           ops.outlier_mask(d, density, 0.05, ranks))
+
+
+def test_radix_selection_matches_kthvalue() -> None:
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(100_003, generator=g).abs().to(dtype)
+        for k in (1, 17, 50_000, 100_003):
+            want = torch.kthvalue(x.float(), x.numel() - k + 1).values
+            assert float(ops._kth_largest(x, k)) == float(want)

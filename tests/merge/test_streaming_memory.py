@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PROBE = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer  # noqa: F401  (import cost is not the merge's)
@@ -26,7 +26,7 @@ r = Recipe.from_dict({"merge_method": "ties", "base_model": f"{root}/base", "mod
 """
 
 MEASURE = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer  # noqa: F401
@@ -39,7 +39,8 @@ r = Recipe.from_dict({"merge_method": "ties", "base_model": f"{root}/base", "mod
     for i in range(3)]})
 rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 merge_to_disk(r, f"{root}/out", MergeOptions(device="cpu"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+            if l.startswith("VmHWM:"))  # per process image; ru_maxrss survives exec
 print(json.dumps({"delta": peak - rss}))
 """
 
