@@ -31,12 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from bench_common import ROOT, machine, table, timeit, update_section  # noqa: E402
+import torch
+from bench_common import ROOT, machine, table, timeit, update_section
 
-from search.merge.methods import REGISTRY  # noqa: E402
-from search.merge.resident import ResidentModel, ResidentParents  # noqa: E402
-from search.recipe import Recipe  # noqa: E402
+from search.merge.methods import REGISTRY
+from search.merge.resident import ResidentModel, ResidentParents
+from search.recipe import Recipe
 
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -176,7 +176,8 @@ def run_json(python: str, code: str, *args: str) -> dict[str, Any] | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def max_diff(a: Path, b: Path) -> float:
+def max_diff(a: Path, b: Path) -> str:
+    """Largest absolute difference and the share of differing elements."""
     from safetensors.torch import load_file
 
     def load(folder: Path) -> dict[str, torch.Tensor]:
@@ -187,7 +188,10 @@ def max_diff(a: Path, b: Path) -> float:
 
     ta, tb = load(a), load(b)
     common = set(ta) & set(tb)
-    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in common)
+    worst = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in common)
+    differ = sum(int((ta[k] != tb[k]).sum()) for k in common)
+    total = sum(ta[k].numel() for k in common)
+    return "identical" if differ == 0 else f"{worst:.1e} ({differ / total:.4%} of values)"
 
 
 def bench_family(label: str, fam: dict[str, Path], device: str, bw: float,
@@ -214,8 +218,7 @@ def bench_family(label: str, fam: dict[str, Path], device: str, bw: float,
             mk = run_json(mergekit, MERGEKIT, str(rpath), str(theirs), device)
             if mk:
                 mk_time = f"{mk['time']:.2f} s ({mk['time'] / t_res:.0f}x)"
-                diff = ("random" if REGISTRY[method].random
-                        else f"{max_diff(ours, theirs):.1e}")
+                diff = "random draws" if REGISTRY[method].random else max_diff(ours, theirs)
             else:
                 mk_time = "failed"
             shutil.rmtree(theirs, ignore_errors=True)
@@ -232,7 +235,8 @@ def bench_family(label: str, fam: dict[str, Path], device: str, bw: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--smollm2", type=Path, help="converted SmolLM2 folder (scripts/convert_smollm2.py)")
+    ap.add_argument("--smollm2", type=Path,
+                    help="converted SmolLM2 folder (scripts/convert_smollm2.py)")
     ap.add_argument("--synthetic-smollm2", action="store_true",
                     help="use the SmolLM2-135M architecture with random weights")
     ap.add_argument("--mergekit-python", help="a Python with mergekit installed")
@@ -267,7 +271,10 @@ def main() -> None:
             "on the device). Streaming: `soup merge` in a fresh process, timed around the "
             "merge (tensors in, shards + config + tokenizer out); peak = peak RSS above the "
             "process's RSS before the merge. Bytes moved = parents read + output written. "
-            "mergekit 0.1.5: `run_merge` in its own venv, timed the same way.\n\n"
+            "mergekit 0.1.5: `run_merge` in its own venv, timed the same way. The last "
+            "column compares its output with ours: float rounding (summation order), and "
+            "for TIES/Breadcrumbs the choice among entries of exactly equal magnitude at the "
+            "density cut (mergekit's sort leaves it unspecified; we keep the lower index).\n\n"
             "Targets: resident TIES of three SmolLM2-135M parents at least 10x faster than "
             "mergekit; resident linear at 50% or more of memory-copy bandwidth.\n\n"
             + "\n\n".join(out))

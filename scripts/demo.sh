@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the built-in demo, from a fresh clone:
-#   1. set up .venv (first run only),
-#   2. build a tiny demo model family locally (no downloads),
-#   3. merge it with a mergekit-style recipe (soup merge) and check the result loads.
-# Safe to run again: finished steps are skipped or replaced.
+#   1. set up .venv (first run only);
+#   2. build the demo models locally (a tiny Llama base and one expert per skill),
+#      printing how the parents and simple merges score on the val and test splits;
+#   3. merge a mergekit-style recipe with `soup merge` and score the merged folder
+#      with the lm-eval adapter.
+# Safe to run again: finished models are reused, the merge output is replaced.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,33 +13,27 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 
-echo "== building the demo family in .cache/demo/family"
-$PY - <<'PYEOF'
-from pathlib import Path
-from search.tiny import save_family
-root = Path(".cache/demo/family")
-if (root / "expert_1" / "model.safetensors").is_file():
-    print("   already built")
-else:
-    save_family(root, n_experts=2, arch="llama", hidden=64, layers=4, seed=0)
-    print("   base + 2 experts written")
-PYEOF
+echo "== 1/2  demo models (.cache/demo/models)"
+$PY scripts/make_demo_models.py
 
-echo "== soup merge conf/recipes/demo_ties.yaml .cache/demo/merged"
+echo
+echo "== 2/2  soup merge conf/recipes/demo_ties.yaml .cache/demo/merged"
 .venv/bin/soup merge conf/recipes/demo_ties.yaml .cache/demo/merged --force
-
-echo "== loading the merged model with transformers"
 $PY - <<'PYEOF'
+import logging
+logging.disable(logging.WARNING)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from evaluators.base import TaskSpec
+from evaluators.lm_eval import LmEvalEvaluator
+torch.set_num_threads(2)
 out = ".cache/demo/merged"
-model = AutoModelForCausalLM.from_pretrained(out)
+model = AutoModelForCausalLM.from_pretrained(out).eval()
 tok = AutoTokenizer.from_pretrained(out)
-ids = tok("12+34=", return_tensors="pt").input_ids
-with torch.no_grad():
-    logits = model(ids).logits
-params = sum(p.numel() for p in model.parameters())
-print(f"   {type(model).__name__}: {params:,} parameters, logits {tuple(logits.shape)}")
-print(f"   files: {', '.join(sorted(p.name for p in __import__('pathlib').Path(out).iterdir()))}")
+for split, suffix in (("val", ""), ("test", "_test")):
+    ev = LmEvalEvaluator([TaskSpec(f"soup_{s}{suffix}") for s in ("add", "reverse", "dup")])
+    sc = ev.evaluate(model, tok)
+    cells = "  ".join(f"{k.split('_')[1]} {v:.3f}" for k, v in sc.metrics.items())
+    print(f"   merged model, {split:4s}: {cells}  mean {sc.objective:.3f}")
 PYEOF
-echo "== done: the merged model is in .cache/demo/merged (recipe: .cache/demo/merged/recipe.yaml)"
+echo "== done: merged model in .cache/demo/merged (its recipe: .cache/demo/merged/recipe.yaml)"

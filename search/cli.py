@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SoupError, RecipeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unreadable inputs, unwritable output, full disk
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -53,7 +53,7 @@ _TOP_KEYS = {
     "chat_template",
     "seed",
 }
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 ParamValue = Any  # float | bool | str | list[float] | list[dict[str, Any]]
 
@@ -67,6 +67,8 @@ def _canon_value(value: Any, where: str) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and abs(value) > 2**53:
+            raise RecipeError(f"{where}: value {value} is too large; use a float")
         if not math.isfinite(float(value)):
             raise RecipeError(f"{where}: value {value!r} is not finite; use a finite number")
         return float(value)
@@ -167,9 +169,17 @@ class Recipe:
                 ModelEntry(str(entry["model"]),
                            _canon_params(entry.get("parameters"), f"{where}.models[{i}]"))
             )
+        dtypes = {}
         for key in ("dtype", "out_dtype"):
-            if data.get(key) is not None and data[key] not in DTYPES:
+            value = data.get(key)
+            if isinstance(value, str) and value.startswith("torch."):
+                value = value[len("torch."):]
+            if value is not None and value not in DTYPES:
                 raise RecipeError(f"{where}: {key} {data[key]!r} is not one of {DTYPES}")
+            dtypes[key] = value
+        for key in ("tokenizer_source", "chat_template"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise RecipeError(f"{where}: {key} must be a string, got {data[key]!r}")
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RecipeError(f"{where}: 'seed' must be an integer, got {seed!r}")
@@ -179,8 +189,8 @@ class Recipe:
             models=tuple(models),
             base_model=None if base is None else str(base),
             parameters=_canon_params(data.get("parameters"), f"{where}.parameters"),
-            dtype=data.get("dtype"),
-            out_dtype=data.get("out_dtype"),
+            dtype=dtypes["dtype"],
+            out_dtype=dtypes["out_dtype"],
             tokenizer_source=data.get("tokenizer_source"),
             chat_template=data.get("chat_template"),
             seed=seed,
@@ -192,7 +202,8 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{where}: not valid YAML ({exc})") from None
+            reason = str(exc).replace("\n", " ")
+            raise RecipeError(f"{where}: not valid YAML ({reason})") from None
         return cls.from_dict(data, where)
 
     @classmethod
@@ -201,7 +212,12 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} does not exist; check the path")
-        return cls.from_yaml(p.read_text(encoding="utf-8"), where=str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"recipe file {str(p)!r} cannot be read as UTF-8 text ({exc})") \
+                from None
+        return cls.from_yaml(text, where=str(p))
 
     def to_dict(self) -> dict[str, Any]:
         """The mergekit-style mapping (keys that are unset are left out)."""
@@ -227,12 +243,16 @@ class Recipe:
         """Writes the YAML atomically (temp file, then rename)."""
         p = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent or ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(self.to_yaml())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_yaml())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def canonical(self) -> str:
         """A canonical JSON text: equal for recipes that mean the same merge.

@@ -89,7 +89,8 @@ METHODS = (
          ParamSpec("nuslerp_flatten", True, kind="bool", per_layer=False,
                    doc="treat each tensor as one vector"),
          ParamSpec("nuslerp_row_wise", False, kind="bool", per_layer=False,
-                   doc="interpolate rows instead of columns when not flattened")),
+                   doc="when not flattened: interpolate the vectors along axis 0 "
+                       "(columns of a matrix) instead of the last axis (rows)")),
         base="optional", min_models=2, max_models=2,
         summary="SLERP of exactly two models, or of their task vectors when a base is given.",
         formula="θ = base + slerp(t, θ₀ - base, θ₁ - base),  t = w₁/(w₀+w₁) (0.5 if the sum is 0)",

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import Any
 
 from search.errors import InvalidRecipeError
@@ -22,6 +23,10 @@ from search.recipe import ModelEntry, Recipe
 REGISTRY: dict[str, MergeMethod] = {
     m.name: m for m in (*linear.METHODS, *task_arithmetic.METHODS, *model_stock.METHODS)
 }
+
+
+_ALL_PARAMS = {p.name for m in REGISTRY.values() for p in m.params}
+log = logging.getLogger(__name__)
 
 
 def get_method(name: str) -> MergeMethod:
@@ -46,6 +51,9 @@ def _leaf_values(value: Any) -> list[Any]:
 
 def _check_value(method: MergeMethod, key: str, value: Any, where: str) -> None:
     spec = method.spec(key)
+    if spec is None and key in _ALL_PARAMS:
+        log.warning("%s: %s does not use %r; ignored (as mergekit does)", where, method.name, key)
+        return
     if spec is None:
         known = ", ".join(p.name for p in method.params) or "none"
         close = difflib.get_close_matches(key, [p.name for p in method.params], n=1)
@@ -79,6 +87,9 @@ def validate_recipe(recipe: Recipe) -> MergeMethod:
         raise InvalidRecipeError(
             f"{method.name} takes {want} model(s) besides the base, got {n_inputs}"
         )
+    if recipe.chat_template is not None:
+        raise InvalidRecipeError("chat_template is not supported; remove it (the output keeps "
+                                 "the tokenizer's own chat template)")
     for key, value in recipe.parameters.items():
         _check_value(method, key, value, "parameters")
     for i, entry in enumerate(recipe.models):

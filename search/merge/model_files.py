@@ -25,6 +25,8 @@ def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:
     cfg["torch_dtype"] = _TORCH_NAME.get(dtype, str(dtype))
     if "dtype" in cfg:
         cfg["dtype"] = cfg["torch_dtype"]
+    if "lm_head.weight" in prep.shapes and cfg.get("tie_word_embeddings", True):
+        cfg["tie_word_embeddings"] = False  # some parent has its own head: so does the merge
     for name, shape in prep.shapes.items():
         is_embed = "embed_tokens" in name or name.endswith("wte.weight")
         if is_embed and cfg.get("vocab_size") and shape[0] < int(cfg["vocab_size"]):

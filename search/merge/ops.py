@@ -89,8 +89,8 @@ def l1_rescale(masked: Tensor, original: Tensor, eps: float = 1e-7) -> Tensor:
 
     Left unscaled when either norm is below ``eps``.
     """
-    before = float(original.abs().sum())
-    after = float(masked.abs().sum())
+    before = float(original.abs().sum(dtype=torch.float32))
+    after = float(masked.abs().sum(dtype=torch.float32))
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
@@ -209,7 +209,7 @@ def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor
     """DELLA keep probabilities: magnitudes ranked along each row (dim 1; a 1-D
     tensor is one row) mapped linearly onto ``[density - epsilon, density + epsilon]``,
     the smallest magnitude getting the lowest probability."""
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     n = rows.shape[1]
     order = torch.argsort(rows.abs().float(), dim=1, stable=True)
     ranks = torch.empty_like(order)

@@ -34,7 +34,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _finite(t: Tensor) -> bool:
+def finite(t: Tensor) -> bool:
     """All values finite; one read pass, no temporary (NaN propagates through min/max)."""
     if t.numel() == 0:
         return True
@@ -129,7 +129,8 @@ class MergePlan:
         each input's task vector; they change the speed, never the result.
         """
         if not x.is_floating_point():
-            if any(not torch.equal(x[0], x[i]) for i in range(1, x.shape[0])):
+            others = [x[i] for i in range(1, x.shape[0])] + ([base] if base is not None else [])
+            if any(not torch.equal(x[0], o) for o in others):
                 raise InvalidRecipeError(
                     f"non-float tensor {name} differs between models; it cannot be merged"
                 )
@@ -141,7 +142,7 @@ class MergePlan:
         if ranks is not None and self.method.uses_ranks:
             extra["ranks"] = ranks
         res = self.method.fn(x, base=base, out=out, **extra, **params)
-        if check_finite and not _finite(res):
+        if check_finite and not finite(res):
             raise NonFiniteMergeError(
                 f"merged tensor {name} has NaN or infinite values ({self.method.name}); "
                 "check the parents for NaNs and use smaller weights or lambda"

@@ -27,8 +27,8 @@ from torch import Tensor
 from search.errors import IncompatibleModelsError, SoupError
 from search.merge import ops
 from search.merge.plan import MergePlan
-from search.merge.sources import check_compatible, open_model, read_for_merge
-from search.merge.streaming import DTYPE_BY_NAME, resolve_device
+from search.merge.sources import HEAD, check_compatible, logical_tensors, open_model, read_for_merge
+from search.merge.streaming import DTYPE_BY_NAME, check_cast, promoted_dtype, resolve_device
 from search.recipe import Recipe
 
 
@@ -60,7 +60,8 @@ class ResidentParents:
     Args:
         models: model paths or hub ids; the first is the reference for the config.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        dtype: store the parents in this dtype (default: as on disk).
+        dtype: store the parents in this dtype (default: as on disk). A precision below
+            the disk's saves memory but then differs from what ``soup merge`` computes.
         allow_pickle: accept pickle checkpoints.
         truncate_vocab: crop vocab tensors to the smallest vocabulary.
         cache_ranks: keep, per parent and tensor, the magnitude order of its task
@@ -83,7 +84,8 @@ class ResidentParents:
         self.num_layers = sources[0].num_layers
         self.config: dict[str, Any] = dict(sources[0].config)
         self.folder = sources[0].folder
-        self.dtypes = {m: dict(s.dtypes) for m, s in zip(self.models, sources, strict=False)}
+        self.dtypes = {m: {n: t[1] for n, t in logical_tensors(s).items()}
+                       for m, s in zip(self.models, sources, strict=True)}
         self.stacks: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():
             stacked = torch.stack([read_for_merge(s, name, shape) for s in sources])
@@ -92,14 +94,15 @@ class ResidentParents:
         for s in sources:
             s.close()
         self.cache_ranks = cache_ranks
-        self._ranks: dict[tuple[str, str, str], Tensor] = {}
+        self._ranks: dict[tuple[str, str, str, str], Tensor] = {}
 
-    def ranks(self, models: Sequence[str], base: str, name: str, dtype: torch.dtype) -> list[Tensor]:
+    def ranks(self, models: Sequence[str], base: str, name: str,
+              dtype: torch.dtype) -> list[Tensor]:
         """Magnitude orders of ``model - base`` for tensor ``name`` (cached)."""
         out = []
         stack = self.stacks[name]
         for m in models:
-            key = (m, base, name)
+            key = (m, base, name, str(dtype))
             if key not in self._ranks:
                 delta = stack[self.row[m]].to(dtype) - stack[self.row[base]].to(dtype)
                 self._ranks[key] = ops.magnitude_ranks(delta)
@@ -113,15 +116,7 @@ class ResidentParents:
 
     def work_dtype(self, recipe: Recipe, models: Sequence[str], name: str) -> torch.dtype:
         """The dtype a merge of ``models`` computes ``name`` in (as ``soup merge`` does)."""
-        dts = [self.dtypes[m].get(name, torch.float32) for m in models]
-        if not dts[0].is_floating_point:
-            return dts[0]
-        if recipe.dtype:
-            return DTYPE_BY_NAME[recipe.dtype]
-        out = dts[0]
-        for d in dts[1:]:
-            out = torch.promote_types(out, d)
-        return out
+        return promoted_dtype(recipe, [self.dtypes[m][name] for m in models])
 
 
 def _select(stack: Tensor, rows: list[int]) -> Tensor:
@@ -146,6 +141,7 @@ class ResidentModel:
         embed = next((s for n, s in parents.shapes.items() if "embed_tokens" in n), None)
         if embed is not None:
             config.vocab_size = embed[0]
+        config.tie_word_embeddings = HEAD not in parents.shapes
         first = next(iter(parents.stacks.values()))
         torch_dtype = DTYPE_BY_NAME[dtype] if dtype else first.dtype
         with torch.device(parents.device):
@@ -196,6 +192,12 @@ class ResidentModel:
             ranks = p.ranks(plan.inputs, plan.base, name, wd)
         if target.dtype == wd == out_dt:
             plan.run(name, params, x, base, out=target, check_finite=check_finite, ranks=ranks)
-        else:
-            res = plan.run(name, params, x, base, check_finite=check_finite, ranks=ranks)
-            target.copy_(res.to(out_dt) if res.is_floating_point() else res)
+            return
+        res = plan.run(name, params, x, base, check_finite=check_finite, ranks=ranks)
+        if not res.is_floating_point():
+            target.copy_(res)
+            return
+        out = res.to(out_dt)
+        if check_finite and out.dtype != res.dtype:
+            check_cast(plan, name, out)
+        target.copy_(out)

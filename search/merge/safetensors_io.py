@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from search.errors import SoupError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
     "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -32,6 +34,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+
+
+class SafetensorsFormatError(SoupError):
+    """A safetensors file is truncated, corrupt or holds an unsupported dtype."""
 
 
 @dataclass(frozen=True)
@@ -56,18 +62,28 @@ class SafetensorsFile:
         self.path = Path(path)
         with open(self.path, "rb") as fh:
             raw = fh.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{self.path} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            header = json.loads(fh.read(n))
+            size = self.path.stat().st_size
+            (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (size,)
+            if n > size - 8:
+                raise SafetensorsFormatError(f"{self.path} is not a safetensors file "
+                                             "(truncated header); re-save the model")
+            try:
+                header = json.loads(fh.read(n))
+            except (ValueError, UnicodeDecodeError):
+                raise SafetensorsFormatError(f"{self.path} has a corrupt safetensors header; "
+                                             "re-save the model") from None
         header.pop("__metadata__", None)
         self.tensors: dict[str, TensorInfo] = {}
         for name, meta in header.items():
             if meta["dtype"] not in DTYPES:
-                raise ValueError(
-                    f"{self.path}: tensor {name} has unsupported dtype {meta['dtype']}"
+                raise SafetensorsFormatError(
+                    f"{self.path}: tensor {name} has dtype {meta['dtype']}, which soupsearch "
+                    f"cannot merge; supported: {', '.join(DTYPES)}"
                 )
             lo, hi = meta["data_offsets"]
+            if 8 + n + hi > size:
+                raise SafetensorsFormatError(f"{self.path}: tensor {name} lies past the end "
+                                             "of the file (truncated download?)")
             self.tensors[name] = TensorInfo(self.path, DTYPES[meta["dtype"]],
                                             tuple(meta["shape"]), 8 + n + lo, 8 + n + hi)
         self._fh: BufferedReader | None = None
@@ -83,7 +99,7 @@ class SafetensorsFile:
         self._fh.seek(info.start)
         got = self._fh.readinto(buf)
         if got != info.nbytes:
-            raise ValueError(f"{self.path}: truncated data for tensor {name}")
+            raise SafetensorsFormatError(f"{self.path}: truncated data for tensor {name}")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
@@ -157,6 +173,12 @@ class ShardedWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self._fh.write(data.numpy().data)
         self._pos += 1
+
+    def abort(self) -> None:
+        """Closes the open shard without finishing (the caller removes the folder)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def close(self) -> None:
         """Finishes the last shard and writes the index."""

@@ -90,7 +90,11 @@ def _lookup(ref: str, filename: str) -> Path | None:
 
 
 def _index_files(ref: str, index: Path) -> dict[str, Path]:
-    weight_map = json.loads(index.read_text())["weight_map"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise IncompatibleModelsError(f"model {ref!r}: {index.name} is not a valid weight "
+                                      "index; re-save the model") from None
     files: dict[str, Path] = {}
     for fname in sorted(set(weight_map.values())):
         p = _lookup(ref, fname) if not Path(ref).is_dir() else index.parent / fname
@@ -118,7 +122,12 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
             f"model {ref!r} not found: {where}; give a model folder path or a hub id "
             "that is already downloaded (offline mode cannot fetch it)"
         )
-    src = ModelSource(ref, cfg_path.parent, json.loads(cfg_path.read_text()))
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise IncompatibleModelsError(f"model {ref!r}: config.json is not valid JSON; "
+                                      "re-save the model") from None
+    src = ModelSource(ref, cfg_path.parent, config)
     index = _lookup(ref, INDEX_NAME)
     single = _lookup(ref, "model.safetensors")
     if index is not None:
@@ -157,7 +166,11 @@ def _open_pickle(src: ModelSource, allow_pickle: bool) -> None:
     files = sorted(set(_index_files(src.ref, index).values())) if index else [Path(str(single))]
     state: dict[str, Tensor] = {}
     for f in files:
-        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            raise IncompatibleModelsError(f"model {src.ref!r}: cannot load {f.name} ({exc}); "
+                                          "convert it to safetensors") from None
     src._pickled = state
     src.shapes = {k: tuple(v.shape) for k, v in state.items()}
     src.dtypes = {k: v.dtype for k, v in state.items()}
@@ -172,15 +185,41 @@ def _arch(src: ModelSource) -> tuple[str, ...]:
     return (str(src.config.get("model_type")), *(src.config.get("architectures") or ()))
 
 
+HEAD = "lm_head.weight"
+
+
+def embed_name(src: ModelSource) -> str | None:
+    """The token-embedding tensor's name, if the model has one we recognize."""
+    return next((n for n in src.shapes if "embed_tokens" in n or n.endswith("wte.weight")
+                 or "word_embeddings" in n), None)
+
+
+def logical_tensors(src: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensor name -> (shape, dtype), with a tied LM head standing for the embeddings."""
+    out = {n: (shape, src.dtypes[n]) for n, shape in src.shapes.items()}
+    emb = embed_name(src)
+    if HEAD not in out and src.tied_embeddings and emb is not None:
+        out[HEAD] = out[emb]
+    return out
+
+
+def tensor_dtype(src: ModelSource, name: str) -> torch.dtype:
+    """The stored dtype of ``name`` in ``src`` (a tied head reports its embeddings')."""
+    return logical_tensors(src)[name][1]
+
+
 def check_compatible(sources: list[ModelSource],
                      truncate_vocab: bool = False) -> dict[str, tuple[int, ...]]:
     """Checks that parents can be merged tensor by tensor.
 
-    Returns the output shape of every tensor (vocab tensors cropped to the smallest
-    vocabulary when ``truncate_vocab``). The first source is the reference.
+    Returns the output shape of every tensor, in the first source's order, with vocab
+    tensors cropped to the smallest vocabulary when ``truncate_vocab``. The output has
+    an LM head when any parent stores one (parents with tied embeddings contribute their
+    embeddings to it), as in mergekit.
     """
     ref = sources[0]
-    shapes = dict(ref.shapes)
+    ref_t = logical_tensors(ref)
+    shapes = {n: s for n, (s, _) in ref_t.items()}
     for src in sources[1:]:
         if _arch(src)[0] != _arch(ref)[0]:
             raise IncompatibleModelsError(
@@ -192,17 +231,17 @@ def check_compatible(sources: list[ModelSource],
                 f"model {src.ref!r} has {src.num_layers} layers but {ref.ref!r} has "
                 f"{ref.num_layers}; merge only models with the same architecture"
             )
-        missing = sorted(set(ref.shapes) - set(src.shapes) - _tied_ok(src))
-        extra = sorted(set(src.shapes) - set(ref.shapes) - _tied_ok(ref))
+        src_t = logical_tensors(src)
+        missing, extra = sorted(set(ref_t) - set(src_t)), sorted(set(src_t) - set(ref_t))
         if missing or extra:
             what = f"lacks tensor {missing[0]}" if missing else f"has extra tensor {extra[0]}"
             raise IncompatibleModelsError(
                 f"model {src.ref!r} {what} that {ref.ref!r} "
                 f"{'has' if missing else 'lacks'}; the architectures differ"
             )
-        for name, shape in ref.shapes.items():
-            other = src.shapes.get(name)
-            if other is None or other == shape:
+        for name, (shape, _) in ref_t.items():
+            other = src_t[name][0]
+            if other == shape:
                 continue
             if is_vocab_tensor(name) and other[1:] == shape[1:]:
                 if not truncate_vocab:
@@ -217,19 +256,20 @@ def check_compatible(sources: list[ModelSource],
                 f"tensor {name} has shape {list(other)} in {src.ref!r} but {list(shape)} in "
                 f"{ref.ref!r}; merge only models with the same architecture"
             )
+    if HEAD in shapes and not any(HEAD in s.shapes for s in sources):
+        del shapes[HEAD]  # every parent ties its head: so does the output
     return shapes
-
-
-def _tied_ok(src: ModelSource) -> set[str]:
-    """Names a model may lack because its LM head is tied to its embeddings."""
-    return {"lm_head.weight"} if src.tied_embeddings else set()
 
 
 def read_for_merge(src: ModelSource, name: str, shape: tuple[int, ...]) -> Tensor:
     """Reads ``name`` from ``src`` cropped to ``shape``; a tied LM head reads the
     embeddings."""
-    if name not in src.shapes and name == "lm_head.weight":
-        name = next(n for n in src.shapes if "embed_tokens" in n or n.endswith("wte.weight"))
+    if name not in src.shapes and name == HEAD:
+        emb = embed_name(src)
+        if emb is None:
+            raise IncompatibleModelsError(f"model {src.ref!r} has no {HEAD} and no embeddings "
+                                          "we recognize to tie it to")
+        name = emb
     t = src.read(name)
     if tuple(t.shape) != tuple(shape):
         t = t[tuple(slice(0, d) for d in shape)]

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,10 +23,16 @@ from pathlib import Path
 
 import torch
 
-from search.errors import OutputExistsError, SoupError
-from search.merge.plan import MergePlan
+from search.errors import IncompatibleModelsError, NonFiniteMergeError, OutputExistsError, SoupError
+from search.merge.plan import MergePlan, finite
 from search.merge.safetensors_io import ShardedWriter
-from search.merge.sources import ModelSource, check_compatible, open_model, read_for_merge
+from search.merge.sources import (
+    ModelSource,
+    check_compatible,
+    open_model,
+    read_for_merge,
+    tensor_dtype,
+)
 from search.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -68,13 +76,20 @@ def resolve_device(device: str) -> torch.device:
 
 def work_dtype(recipe: Recipe, sources: list[ModelSource], name: str) -> torch.dtype:
     """The recipe's ``dtype``, else the parents' dtypes promoted (mergekit's rule)."""
-    dt = sources[0].dtypes.get(name, torch.float32)
+    dts = [tensor_dtype(s, name) for s in sources]
+    return promoted_dtype(recipe, dts)
+
+
+def promoted_dtype(recipe: Recipe, dtypes: list[torch.dtype]) -> torch.dtype:
+    """Non-float tensors keep their dtype; floats take the recipe's ``dtype`` or the
+    parents' dtypes promoted together."""
+    dt = dtypes[0]
     if not dt.is_floating_point:
         return dt
     if recipe.dtype:
         return DTYPE_BY_NAME[recipe.dtype]
-    for s in sources[1:]:
-        dt = torch.promote_types(dt, s.dtypes.get(name, dt))
+    for other in dtypes[1:]:
+        dt = torch.promote_types(dt, other)
     return dt
 
 
@@ -102,6 +117,31 @@ class Prepared:
             s.close()
 
 
+def _check_same_tokenizer(sources: list[ModelSource]) -> None:
+    """Embedding rows are merged by token id, so every parent must share one vocabulary.
+
+    mergekit can re-map embeddings between tokenizers (``tokenizer_source``); soupsearch
+    does not, so different ``tokenizer.json`` files are an error.
+    """
+    seen: dict[str, str] = {}
+    for src in sources:
+        path = src.folder / "tokenizer.json"
+        try:
+            data = json.loads(path.read_text())
+            vocab = [data["model"].get("vocab"), [(t.get("id"), t.get("content"))
+                                                  for t in data.get("added_tokens", [])]]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue  # no (readable) fast tokenizer: nothing to compare
+        key = hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
+        seen.setdefault(key, src.ref)
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        raise IncompatibleModelsError(
+            f"models {a!r} and {b!r} have different tokenizers; merge only models that share "
+            "a tokenizer (soupsearch does not re-map embeddings between vocabularies)"
+        )
+
+
 def prepare(recipe: Recipe, options: MergeOptions) -> Prepared:
     """All validation, before any tensor is read."""
     plan = MergePlan.build(recipe)
@@ -109,6 +149,7 @@ def prepare(recipe: Recipe, options: MergeOptions) -> Prepared:
         raise SoupError("tokenizer_source: union is not supported; use 'base' or a model "
                         "path whose tokenizer all parents share")
     sources = {m: open_model(m, allow_pickle=options.allow_pickle) for m in plan.models}
+    _check_same_tokenizer(list(sources.values()))
     ordered = [sources[m] for m in ([plan.base] if plan.base else []) + list(plan.inputs)]
     shapes = check_compatible(ordered, options.truncate_vocab)
     params = plan.resolve_all(list(shapes), ordered[0].num_layers)
@@ -127,7 +168,21 @@ def merge_tensor(prep: Prepared, name: str, device: torch.device,
     if plan.base:
         base = read_for_merge(prep.sources[plan.base], name, shape).to(device=device, dtype=wd)
     res = plan.run(name, prep.params[name], x, base, check_finite=check_finite)
-    return res.to(out_dtype(plan.recipe, wd)) if res.is_floating_point() else res
+    if not res.is_floating_point():
+        return res
+    out = res.to(out_dtype(plan.recipe, wd))
+    if check_finite and out.dtype != res.dtype:
+        check_cast(plan, name, out)
+    return out
+
+
+def check_cast(plan: MergePlan, name: str, out: torch.Tensor) -> None:
+    """Casting to a narrower ``out_dtype`` must not overflow."""
+    if not finite(out):
+        raise NonFiniteMergeError(
+            f"merged tensor {name} overflows {out.dtype} ({plan.method.name}); use a wider "
+            "out_dtype or smaller weights"
+        )
 
 
 def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
@@ -143,10 +198,17 @@ def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
                                 "or pass --force to replace it")
     device = resolve_device(opts.device)
     prep = prepare(recipe, opts)
+    for src in prep.sources.values():
+        folder = src.folder.resolve()
+        if folder == out.resolve() or out.resolve() in folder.parents:
+            prep.close()
+            raise OutputExistsError(f"output folder {str(out)!r} holds parent {src.ref!r}; "
+                                    "write the merge somewhere else")
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
+    writer: ShardedWriter | None = None
     try:
+        tmp.mkdir(parents=True)
         names = list(prep.shapes)
         srcs = list(prep.sources.values())
         specs = []
@@ -163,6 +225,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
         write_model_files(prep, tmp, specs)
         _replace(tmp, out, opts.force)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

@@ -29,7 +29,7 @@ GAMMA = ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0, search=(0.0,
                   doc="fraction of largest-magnitude entries dropped as outliers")
 EPSILON = ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=0.5, search=(0.01, 0.2),
                     doc="half-width of the keep-probability range around density")
-LAMBDA = ParamSpec("lambda", 1.0, low=0.0, search=(0.3, 1.5),
+LAMBDA = ParamSpec("lambda", 1.0, search=(0.3, 1.5),
                    doc="scale of the merged task vector")
 INT8_MASK = ParamSpec("int8_mask", False, kind="bool", per_layer=False,
                       doc="accepted for mergekit compatibility (memory hint, no effect on values)")
@@ -52,14 +52,12 @@ def _sparsify_(delta: Tensor, how: str, i: int, generator: torch.Generator | Non
     if density >= 1.0:
         return
     rank = None if ranks is None else ranks[i]
+    original = delta.clone() if rescale else None
     if how == "magnitude":
         delta.mul_(ops.magnitude_mask(delta, density, rank))
-        return
-    if how == "outliers":
+    elif how == "outliers":
         delta.mul_(ops.outlier_mask(delta, density, float(p["gamma"][i]), rank))
-        return
-    original = delta.clone() if rescale else None
-    if how == "random":
+    elif how == "random":
         delta.mul_(ops.bernoulli_mask(delta, density, generator))
     elif how == "della":
         probs = ops.della_probabilities(delta, density, float(p["epsilon"][i]))
@@ -187,9 +185,7 @@ def _make(name: str) -> MergeMethod:
         return pipeline(x, sparsify=sparsify, consensus=consensus, **kw)
 
     fn.__name__ = name
-    params = (WEIGHT, *extra, LAMBDA, _normalize(norm), INT8_MASK)
-    if sparsify in ("random", "della"):
-        params = (*params, _rescale(resc))
+    params = (WEIGHT, *extra, LAMBDA, _normalize(norm), INT8_MASK, _rescale(resc))
     sign = " with sign consensus (sum)" if consensus else ""
     formula = (f"{_FORMULA[sparsify]};  θ = θ_base + λ · Σᵢ wᵢ δᵢ{sign}"
                f"{' / Σ agreeing wᵢ' if norm else ''} (normalize default {norm})")
