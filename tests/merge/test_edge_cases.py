@@ -171,5 +171,5 @@ def test_overflow_in_out_dtype_is_caught(family: dict[str, Path], tmp_path: Path
                                "parameters": {"normalize": False},
                                "models": [{"model": str(family["expert_0"]),
                                            "parameters": {"weight": 1e7}}]})
-    with pytest.raises(NonFiniteMergeError, match="overflows torch.float16"):
+    with pytest.raises(NonFiniteMergeError, match=r"overflows torch\.float16"):
         merge_to_disk(recipe, tmp_path / "o", MergeOptions(device="cpu"))
