@@ -195,7 +195,8 @@ def max_diff(a: Path, b: Path) -> str:
 
 
 def bench_family(label: str, fam: dict[str, Path], device: str, bw: float,
-                 mergekit: str | None, work: Path, repeat: int) -> tuple[list[list[str]], dict]:
+                 mergekit: str | None, work: Path, repeat: int,
+                 methods: list[str]) -> tuple[list[list[str]], dict]:
     parents = ResidentParents([str(fam[k]) for k in ("base", "expert_0", "expert_1")],
                               device=device)
     resident = ResidentModel(parents)
@@ -203,7 +204,7 @@ def bench_family(label: str, fam: dict[str, Path], device: str, bw: float,
     dev = parents.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows, raw = [], {}
-    for method in sorted(REGISTRY):
+    for method in methods:
         recipe = bench_recipe(method, fam)
         t_res = timeit(lambda r=recipe: resident.materialize(r), repeat=repeat, sync=sync)
         n_read = len(set(recipe.model_names) | ({recipe.base_model} - {None}))
@@ -244,6 +245,8 @@ def main() -> None:
     ap.add_argument("--section", default="merge")
     ap.add_argument("--json", type=Path, help="also write raw numbers here")
     ap.add_argument("--doc", type=Path, default=None, help="markdown file to update")
+    ap.add_argument("--methods", default=",".join(sorted(REGISTRY)),
+                    help="comma-separated subset of methods")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -257,7 +260,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         for label, fam, repeat in families:
             rows, r = bench_family(label, fam, args.device, bw, args.mergekit_python,
-                                   Path(tmp), repeat)
+                                   Path(tmp), repeat, args.methods.split(","))
             raw[label] = r
             mb = r["model_bytes"] / 2**20
             out.append(f"**{label}**, {mb:.0f} MiB per parent, three parents "

@@ -11,11 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,6 +61,30 @@ class MergeOptions:
     max_shard_bytes: int = 2 * 1024**3
     check_finite: bool = True
     force: bool = False
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc to keep freed memory in the heap instead of returning it to the OS.
+
+    Merging allocates large temporaries; by default glibc serves each one with a fresh
+    memory map whose pages fault in on first touch, which costs several times the
+    arithmetic (measured: a 112 MB elementwise product took 44 ms, 9 ms with this).
+    The process's memory then stays at its high-water mark instead of shrinking between
+    tensors, so resident workers use it and ``soup merge`` (whose point is a small
+    peak) does not: measured on SmolLM2 TIES, 25% faster but a 27% higher peak.
+    Linux/glibc only; ``SOUP_MALLOC_TUNING=0`` disables it. Returns whether the setting
+    was applied.
+    """
+    if os.environ.get("SOUP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    ok = libc.mallopt(m_mmap_max, 0) == 1
+    ok = libc.mallopt(m_trim_threshold, 2**31 - 1) == 1 and ok
+    return libc.mallopt(m_top_pad, 64 << 20) == 1 and ok
 
 
 def resolve_device(device: str) -> torch.device:
