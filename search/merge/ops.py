@@ -217,18 +217,3 @@ def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor
     scaled = ranks.to(sampling_dtype(delta)) / max(n - 1, 1)
     probs = (density - epsilon) + scaled * (2 * epsilon)
     return probs.reshape(delta.shape)
-
-
-def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
-    """Mask of entries agreeing with the elected sign (TIES).
-
-    ``sum`` elects the sign of the summed weighted deltas, ``count`` the sign held by
-    more models; zero elects positive.
-    """
-    if method == "sum":
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1, -1)
-    elif method == "count":
-        elected = torch.where(torch.sign(weighted).sum(dim=0) >= 0, 1, -1)
-    else:
-        raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
-    return torch.sign(weighted) == elected.to(weighted.dtype)

@@ -249,9 +249,16 @@ def test_model_stock_formula() -> None:
                                torch.tensor([t * 1.0, t * 0.5]))
 
 
-def test_sign_consensus_zero_elects_positive() -> None:
-    w = torch.tensor([[1.0, -1.0], [-1.0, -2.0]])
-    assert ops.sign_consensus(w).tolist() == [[True, True], [False, True]]
+def test_sign_consensus_zero_sum_elects_positive() -> None:
+    from search.merge.task_arithmetic import _consensus_mix
+
+    w = torch.tensor([[1.0, -1.0, 0.0], [-1.0, -2.0, 0.0]])
+    mixed, divisor = _consensus_mix(w.clone(), [1.0, 1.0], "sum")
+    # column 0 sums to 0: + is elected, only the +1 agrees; column 2: nothing agrees
+    assert mixed.tolist() == [1.0, -3.0, 0.0]
+    assert divisor.tolist() == [1.0, 2.0, 1.0]
+    mixed, divisor = _consensus_mix(w.clone(), [1.0, 1.0], "count")
+    assert mixed.tolist() == [1.0, -3.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
