@@ -205,15 +205,30 @@ def sampling_dtype(t: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """DELLA keep probabilities: magnitudes ranked along each row (dim 1; a 1-D
-    tensor is one row) mapped linearly onto ``[density - epsilon, density + epsilon]``,
-    the smallest magnitude getting the lowest probability."""
+def row_ranks(delta: Tensor) -> Tensor:
+    """Each entry's position when its row (dim 1; a 1-D tensor is one row) is ordered
+    by magnitude, smallest first, ties by index."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     n = rows.shape[1]
     order = torch.argsort(rows.abs().float(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order).contiguous())
+    ranks = torch.empty(order.shape, dtype=torch.int32, device=delta.device)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.int32, device=delta.device)
+                   .expand_as(order).contiguous())
+    return ranks.reshape(delta.shape)
+
+
+RANKERS = {"magnitude": magnitude_ranks, "row": row_ranks}
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float,
+                        ranks: Tensor | None = None) -> Tensor:
+    """DELLA keep probabilities: magnitudes ranked along each row (dim 1; a 1-D
+    tensor is one row) mapped linearly onto ``[density - epsilon, density + epsilon]``,
+    the smallest magnitude getting the lowest probability. ``ranks`` (from
+    :func:`row_ranks`) skips the sort."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    ranks = row_ranks(delta) if ranks is None else ranks
     scaled = ranks.to(sampling_dtype(delta)) / max(n - 1, 1)
     probs = (density - epsilon) + scaled * (2 * epsilon)
     return probs.reshape(delta.shape)

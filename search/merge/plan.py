@@ -125,7 +125,7 @@ class MergePlan:
             ranks: list[Tensor] | None = None) -> Tensor:
         """Merges one tensor. ``x`` stacks :attr:`inputs`; writes into ``out`` if given.
 
-        ``ranks`` (for methods with ``uses_ranks``) are precomputed magnitude orders of
+        ``ranks`` (for methods that declare a ``ranks`` kind) are precomputed orders of
         each input's task vector; they change the speed, never the result.
         """
         if not x.is_floating_point():
@@ -139,7 +139,7 @@ class MergePlan:
         if self.method.random:
             gen = torch.Generator(device=x.device).manual_seed(tensor_seed(self.seed, name))
         extra: dict[str, Any] = {"generator": gen} if gen is not None else {}
-        if ranks is not None and self.method.uses_ranks:
+        if ranks is not None and self.method.ranks:
             extra["ranks"] = ranks
         res = self.method.fn(x, base=base, out=out, **extra, **params)
         if check_finite and not finite(res):

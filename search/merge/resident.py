@@ -46,8 +46,9 @@ class ResidentParents:
         allow_pickle: accept pickle checkpoints.
         truncate_vocab: crop vocab tensors to the smallest vocabulary.
         cache_ranks: keep, per parent and tensor, the magnitude order of its task
-            vector (4 bytes per parameter, computed on first use), so TIES/Breadcrumbs
-            candidates need no selection pass. Results are identical either way.
+            vector (4 bytes per parameter and kind, computed on first use), so
+            TIES/Breadcrumbs/DELLA candidates skip selection and sorting. Results are
+            identical either way.
     """
 
     def __init__(self, models: Sequence[str], *, device: str = "auto", dtype: str | None = None,
@@ -75,18 +76,18 @@ class ResidentParents:
         for s in sources:
             s.close()
         self.cache_ranks = cache_ranks
-        self._ranks: dict[tuple[str, str, str, str], Tensor] = {}
+        self._ranks: dict[tuple[str, str, str, str, str], Tensor] = {}
 
-    def ranks(self, models: Sequence[str], base: str, name: str,
+    def ranks(self, kind: str, models: Sequence[str], base: str, name: str,
               dtype: torch.dtype) -> list[Tensor]:
-        """Magnitude orders of ``model - base`` for tensor ``name`` (cached)."""
+        """Orders (``ops.RANKERS[kind]``) of ``model - base`` for tensor ``name``, cached."""
         out = []
         stack = self.stacks[name]
         for m in models:
-            key = (m, base, name, str(dtype))
+            key = (kind, m, base, name, str(dtype))
             if key not in self._ranks:
                 delta = stack[self.row[m]].to(dtype) - stack[self.row[base]].to(dtype)
-                self._ranks[key] = ops.magnitude_ranks(delta)
+                self._ranks[key] = ops.RANKERS[kind](delta)
             out.append(self._ranks[key])
         return out
 
@@ -169,8 +170,9 @@ class ResidentModel:
             base = None if base is None else base.to(wd)
         out_dt = DTYPE_BY_NAME[plan.recipe.out_dtype] if plan.recipe.out_dtype else wd
         ranks = None
-        if plan.method.uses_ranks and p.cache_ranks and plan.base and x.is_floating_point():
-            ranks = p.ranks(plan.inputs, plan.base, name, wd)
+        kind = plan.method.ranks
+        if kind and p.cache_ranks and plan.base and x.is_floating_point():
+            ranks = p.ranks(kind, plan.inputs, plan.base, name, wd)
         if target.dtype == wd == out_dt:
             plan.run(name, params, x, base, out=target, check_finite=check_finite, ranks=ranks)
             return

@@ -94,8 +94,9 @@ class MergeMethod:
             ``normalize`` is true, so a zero sum is invalid.
         check: optional cross-parameter check on one tensor's resolved parameters;
             returns a problem description or ``None``.
-        uses_ranks: ``fn`` accepts ``ranks``, the magnitude order of each input's task
-            vector, which a resident executor can compute once per parent.
+        ranks: ``fn`` accepts ``ranks``, the magnitude order of each input's task vector
+            of this kind (a key of ``ops.RANKERS``), which a resident executor can
+            compute once per parent; ``None`` when the method needs none.
     """
 
     name: str
@@ -109,7 +110,7 @@ class MergeMethod:
     formula: str = ""
     normalize_sum: bool = False
     check: Callable[[dict[str, Any]], str | None] | None = None
-    uses_ranks: bool = False
+    ranks: str | None = None
 
     def spec(self, name: str) -> ParamSpec | None:
         """The spec called ``name``, if any."""

@@ -60,7 +60,7 @@ def _sparsify_(delta: Tensor, how: str, i: int, generator: torch.Generator | Non
     elif how == "random":
         delta.mul_(ops.bernoulli_mask(delta, density, generator))
     elif how == "della":
-        probs = ops.della_probabilities(delta, density, float(p["epsilon"][i]))
+        probs = ops.della_probabilities(delta, density, float(p["epsilon"][i]), rank)
         delta.mul_(ops.bernoulli_mask(delta, probs, generator))
     else:
         raise ValueError(f"unknown sparsification {how!r}")
@@ -103,9 +103,9 @@ def pipeline(x: Tensor, *, base: Tensor | None, sparsify: str, consensus: str | 
              ranks: Tensor | None = None, **p: Any) -> Tensor:
     """The shared task-arithmetic pipeline (module docstring); ``p`` holds the params.
 
-    ``ranks`` (optional, ``[n, ...]`` int) are the positions of each task vector's
-    entries ordered by magnitude, largest first, ties by index; an executor that keeps
-    them saves the selection work of magnitude sparsifiers (same result either way).
+    ``ranks`` (optional, one int tensor per input) are each task vector's magnitude
+    order as the method's ``ranks`` kind declares (``ops.RANKERS``); an executor that
+    keeps them saves the selection or sorting work (same result either way).
     """
     if base is None:
         raise ValueError("task arithmetic needs a base model")
@@ -190,7 +190,8 @@ def _make(name: str) -> MergeMethod:
     formula = (f"{_FORMULA[sparsify]};  θ = θ_base + λ · Σᵢ wᵢ δᵢ{sign}"
                f"{' / Σ agreeing wᵢ' if norm else ''} (normalize default {norm})")
     return MergeMethod(name, fn, params, base="required", min_models=1,
-                       uses_ranks=sparsify in ("magnitude", "outliers"),
+                       ranks={"magnitude": "magnitude", "outliers": "magnitude",
+                              "della": "row"}.get(sparsify),
                        random=sparsify in ("random", "della"), summary=summary,
                        formula=formula, normalize_sum=consensus is None,
                        check=_check_della if sparsify == "della" else None)
