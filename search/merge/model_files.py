@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from search.merge.streaming import DTYPE_BY_NAME
+
 if TYPE_CHECKING:
     from search.merge.streaming import Prepared
 
 log = logging.getLogger(__name__)
-_TORCH_NAME = {v: k for k, v in {"float32": torch.float32, "float16": torch.float16,
-                                  "bfloat16": torch.bfloat16, "float64": torch.float64}.items()}
+_TORCH_NAME = {v: k for k, v in DTYPE_BY_NAME.items()}
 
 
 def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:

@@ -205,6 +205,8 @@ def logical_tensors(src: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.
 
 def tensor_dtype(src: ModelSource, name: str) -> torch.dtype:
     """The stored dtype of ``name`` in ``src`` (a tied head reports its embeddings')."""
+    if name in src.dtypes:
+        return src.dtypes[name]
     return logical_tensors(src)[name][1]
 
 
