@@ -82,7 +82,9 @@ def _lookup(ref: str, filename: str) -> Path | None:
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(ref, filename, _raise_exceptions_for_missing_entries=False,
+        # Only the local cache: a merge never downloads (and never waits on retries).
+        found = cached_file(ref, filename, local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False,
                             _raise_exceptions_for_connection_errors=False)
     except Exception:
         return None
@@ -119,8 +121,8 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
         where = ("the folder has no config.json" if Path(ref).is_dir() else
                  "not a local folder and not in the Hugging Face cache")
         raise ModelNotFoundError(
-            f"model {ref!r} not found: {where}; give a model folder path or a hub id "
-            "that is already downloaded (offline mode cannot fetch it)"
+            f"model {ref!r} not found: {where}; give a model folder path, or download the "
+            "hub model first (soupsearch never downloads): huggingface-cli download <id>"
         )
     try:
         config = json.loads(cfg_path.read_text())
