@@ -3,6 +3,9 @@
     soup merge RECIPE.yaml OUT_DIR [--device auto|cpu|cuda] [--allow-pickle]
                [--truncate-vocab] [--max-shard-size 2GB] [--force]
     soup methods
+    soup search [--cfg job] [OVERRIDE ...]       e.g. soup search experiment=demo
+    soup resume RUN_DIR [KEY=VALUE ...]          e.g. soup resume runs/demo n_trials=100
+    soup leaderboard RUN_DIR [--top K] [--sort TASK] [--format table|csv|json|markdown]
 
 User mistakes print one line starting with ``error:`` and exit with status 2.
 """
@@ -55,6 +58,64 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(cfg: object, study: object, summary: object) -> None:
+    from search.leaderboard import Leaderboard
+
+    board = Leaderboard.from_study(study)  # type: ignore[arg-type]
+    print(board.render("table", top=10))
+    print(f"run folder: {cfg.run_dir}")  # type: ignore[attr-defined]
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from search import config
+    from search.run import run_search
+
+    raw = config.compose_raw(args.overrides, args.config_dir)
+    if args.cfg:
+        print(config.to_yaml(raw), end="")
+        return 0
+    cfg = config.from_hydra(raw)
+    study, summary = run_search(cfg, raw, show_progress=not args.no_progress)
+    _finish(cfg, study, summary)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from search import config
+    from search.run import run_search
+
+    raw, cfg = config.load_saved(args.run_dir, args.overrides)
+    study, summary = run_search(cfg, raw, show_progress=not args.no_progress)
+    _finish(cfg, study, summary)
+    return 0
+
+
+def _open_for_reading(args: argparse.Namespace) -> object:
+    from search import config
+    from search.study import open_study
+
+    if args.storage:
+        if not args.study:
+            raise SoupError("--storage needs --study NAME")
+        return open_study(args.storage, args.study, [], create=False)
+    if not args.run_dir:
+        raise SoupError("give RUN_DIR, or --storage URL --study NAME")
+    _, cfg = config.load_saved(args.run_dir)
+    return open_study(cfg.storage.url, cfg.study_name, [], create=False)
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from search.leaderboard import Leaderboard
+
+    study = _open_for_reading(args)
+    try:
+        board = Leaderboard.from_study(study, sort=args.sort)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise SoupError(str(exc)) from None
+    print(board.render(args.format, top=args.top), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="soup", description=__doc__.splitlines()[0])
@@ -78,6 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("methods", help="list merge methods and their parameters")
     ms.set_defaults(func=_cmd_methods)
+
+    s = sub.add_parser("search", help="search merges (Hydra overrides, e.g. experiment=demo)")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides: GROUP=OPTION or key=value")
+    s.add_argument("--cfg", choices=["job"], help="print the composed config and stop")
+    s.add_argument("--config-dir", help="a conf/ folder to use instead of the shipped one")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_search)
+
+    r = sub.add_parser("resume", help="continue a search from its run folder")
+    r.add_argument("run_dir", help="the run folder (holds config.yaml)")
+    r.add_argument("overrides", nargs="*", help="key=value changes, e.g. n_trials=200")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_resume)
+
+    lb = sub.add_parser("leaderboard", help="the top candidates of a study")
+    lb.add_argument("run_dir", nargs="?", help="the run folder")
+    lb.add_argument("--storage", help="a storage URL instead of a run folder")
+    lb.add_argument("--study", help="the study name (with --storage)")
+    lb.add_argument("--top", type=int, default=10, help="rows to show (0 = all)")
+    lb.add_argument("--sort", help="sort by this task's metric (default: the objective)")
+    lb.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    lb.set_defaults(func=_cmd_leaderboard)
     return parser
 
 
@@ -86,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the run folder's log keeps INFO
+        handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.func(args))

@@ -1,0 +1,328 @@
+"""The driver: an asynchronous ask -> submit -> tell loop over the executor's slots.
+
+The driver alone talks to storage. It keeps as many trials in flight as there are
+workers (no generation barrier), seeds the study with the baselines first, skips
+recipes that were already scored (same canonical hash), reports stages to the pruner,
+fails bad candidates with their reason, re-enqueues the trials of dead workers, and
+counts the budget from storage, so a resumed or second driver continues the same count.
+
+Example:
+    >>> summary = Driver(cfg, study, space, executor).run()      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from search import baselines as bl
+from search import study as st
+from search.config import SearchConfig
+from search.errors import SoupError
+from search.merge.methods import validate_recipe
+from search.progress import Progress
+from search.recipe import Recipe, RecipeError
+from search.space import Space
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    trial: Trial
+    recipe: Recipe
+    started: float
+
+
+@dataclass
+class Summary:
+    """What a run did (this driver) and where the study stands (all drivers)."""
+
+    evaluated: int = 0
+    reused: int = 0
+    failed: int = 0
+    pruned: int = 0
+    died: int = 0
+    recovered: list[int] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    best: list[tuple[int, Any]] = field(default_factory=list)
+
+
+def _values(result: dict[str, Any], tasks: Sequence[str], multi: bool) -> list[float]:
+    if multi:
+        return [float(result["metrics"][t]) for t in tasks]
+    return [float(result["objective"])]
+
+
+class Driver:
+    """Runs one search against a study until the budget is spent."""
+
+    def __init__(self, cfg: SearchConfig, study: optuna.Study, space: Space, executor: Any,
+                 show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.study = study
+        self.space = space
+        self.ex = executor
+        self.me = st.driver_id()
+        self.tasks = [t.name for t in cfg.evaluator.tasks]
+        self.running: dict[int, _Running] = {}
+        self.scored: dict[str, tuple[int, list[float], float]] = {}  # hash -> (n, values, obj)
+        self.failed_hashes: set[str] = set()
+        self.summary = Summary()
+        self.progress = Progress(cfg.n_trials, enabled=show_progress,
+                                 maximize=True, multi=cfg.multi_objective)
+        self._last_beat = 0.0
+        self._last_sync = 0.0
+        self._baselines_done = not cfg.baselines
+        self._seen: set[int] = set()
+
+    # -- storage views ---------------------------------------------------------------
+
+    def _sync(self) -> dict[str, int]:
+        """Re-reads the trials: budget counts, dedup table, best so far."""
+        trials = self.study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.number in self._seen or not t.state.is_finished():
+                continue
+            self._seen.add(t.number)
+            recipe = t.user_attrs.get(st.ATTR_RECIPE)
+            if recipe is None:
+                continue
+            h = Recipe.from_dict(recipe).hash()
+            if t.state == TrialState.COMPLETE and t.values is not None:
+                if h not in self.scored:
+                    obj = (t.user_attrs.get(st.ATTR_SCORES) or {}).get("objective",
+                                                                      t.values[0])
+                    self.scored[h] = (t.number, list(t.values), float(obj))
+            elif t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_REQUEUED) \
+                    and not t.user_attrs.get("surplus"):
+                self.failed_hashes.add(h)
+        c = st.counts(trials)
+        self.progress.update(c, self._best())
+        self._last_sync = time.time()
+        return c
+
+    def _best(self) -> float | None:
+        objs = [o for _, _, o in self.scored.values()]
+        return max(objs) if objs else None
+
+    def _score_of(self, recipe: Recipe) -> float | None:
+        h = recipe.hash()
+        if h in self.scored:
+            return self.scored[h][2]
+        return -math.inf if h in self.failed_hashes else None
+
+    def _beat(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._last_beat > st.HEARTBEAT_S:
+            st.heartbeat(self.study, self.me)
+            self._last_beat = now
+            if now - self._last_sync > 3 * st.HEARTBEAT_S:
+                got = st.recover_stale(self.study, self.cfg.stale_after_s,
+                                       self.cfg.max_retries, self.me)
+                self.summary.recovered += got
+                self._sync()
+
+    # -- baselines -----------------------------------------------------------------
+
+    def _enqueue(self, recipe: Recipe, tag: str, **extra: Any) -> None:
+        params = self.space.params_for(recipe) or {}
+        self.study.enqueue_trial(params, user_attrs={st.ATTR_RECIPE: recipe.to_dict(),
+                                                     st.ATTR_BASELINE: tag, **extra},
+                                 skip_if_exists=False)
+
+    def _seed_study(self) -> None:
+        """Enqueues the baselines and the user's seed recipes, once per study."""
+        if not self.cfg.baselines and not self.cfg.seeds:
+            return
+        if self.study.user_attrs.get("baselines.enqueued"):
+            return
+        self.study.set_user_attr("baselines.enqueued", True)
+        m = self.cfg.models
+        if self.cfg.baselines:
+            for tag, recipe in bl.initial(m.base, m.experts, self.space.cfg.dtype):
+                self._enqueue(recipe, tag)
+        for path in self.cfg.seeds:
+            self._enqueue(Recipe.load(path), bl.SEED, seed_file=str(path))
+
+    def _advance_baselines(self) -> None:
+        """Enqueues the next greedy-soup step, or records the finished greedy soup."""
+        if self._baselines_done:
+            return
+        m = self.cfg.models
+        state = bl.greedy_step(list(m.experts), self._score_of, self.space.cfg.dtype)
+        if state.done and state.recipe is not None:
+            n = self.scored.get(state.recipe.hash(), (None,))[0]
+            self.study.set_user_attr("baselines.greedy", {
+                "trial": n, "recipe_hash": state.recipe.hash(), "score": state.score,
+                "ingredients": list(state.ingredients)})
+            uniform = bl.soup(list(m.experts), self.space.cfg.dtype).hash()
+            self.study.set_user_attr("baselines.uniform", self.scored.get(uniform, (None,))[0])
+            self._baselines_done = True
+            return
+        if state.next is None:
+            return  # parents still running
+        h = state.next.hash()
+        pending = any(r.recipe.hash() == h for r in self.running.values())
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not pending and not any(
+                Recipe.from_dict(t.user_attrs.get(st.ATTR_RECIPE, {"merge_method": "x",
+                                 "models": ["x"]})).hash() == h for t in waiting):
+            self._enqueue(state.next, bl.GREEDY_STEP)
+
+    def _may_sample(self) -> bool:
+        """The sampler may propose once the baselines are done (or none is waiting)."""
+        if self._baselines_done:
+            return True
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    # -- trials --------------------------------------------------------------------
+
+    def _ask(self) -> bool:
+        """Asks one trial and submits it (or settles it at once); False if none was asked."""
+        c = st.counts(self.study.get_trials(deepcopy=False))
+        if c["done"] + c["running"] >= self.cfg.n_trials or not self._may_sample():
+            return False
+        trial = self.study.ask()
+        trial.set_user_attr(st.ATTR_DRIVER, self.me)
+        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
+        try:
+            recipe = self.space.suggest(trial)
+            if fixed is not None:
+                recipe = Recipe.from_dict(fixed)
+            validate_recipe(recipe)
+        except (SoupError, RecipeError) as exc:
+            trial.set_user_attr(st.ATTR_RECIPE, (fixed or recipe.to_dict()))
+            self._fail(trial, f"{type(exc).__name__}: {exc}")
+            return True
+        if self._surplus(trial):
+            return False
+        if fixed is None:
+            trial.set_user_attr(st.ATTR_RECIPE, recipe.to_dict())
+        h = recipe.hash()
+        if self.cfg.dedup and h in self.scored:
+            number, values, _ = self.scored[h]
+            trial.set_user_attr("duplicate_of", number)
+            self.study.tell(trial, values)
+            self.summary.reused += 1
+            return True
+        self.running[trial.number] = _Running(trial, recipe, time.time())
+        self.ex.submit(trial.number, recipe.to_dict())
+        return True
+
+    def _surplus(self, trial: Trial) -> bool:
+        """Over budget because another driver asked at the same moment: give it back."""
+        trials = self.study.get_trials(deepcopy=False)
+        c = st.counts(trials)
+        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number)
+        if c["done"] + ahead < self.cfg.n_trials:
+            return False
+        trial.set_user_attr("surplus", True)
+        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
+        self.study.tell(trial, state=TrialState.FAIL)
+        if fixed is not None:
+            frozen = self.study._storage.get_trial(trial._trial_id)
+            self.study.enqueue_trial(dict(frozen.params), user_attrs={
+                k: v for k, v in frozen.user_attrs.items() if k not in ("surplus", "driver")})
+        return True
+
+    def _fail(self, trial: Trial, reason: str) -> None:
+        trial.set_user_attr(st.ATTR_ERROR, reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.summary.failed += 1
+        recipe = trial.user_attrs.get(st.ATTR_RECIPE)
+        if recipe:
+            self.failed_hashes.add(Recipe.from_dict(recipe).hash())
+        log.info("trial %d failed: %s", trial.number, reason)
+
+    def _handle(self, key: int, result: dict[str, Any] | None, died: bool, reason: str) -> None:
+        run = self.running[key]
+        trial = run.trial
+        if died:
+            del self.running[key]
+            self.summary.died += 1
+            frozen = self.study._storage.get_trial(trial._trial_id)
+            st.fail_and_requeue(self.study, frozen, reason, self.cfg.max_retries)
+            log.warning("trial %d: %s", key, reason)
+            return
+        assert result is not None
+        if not result.get("ok"):
+            del self.running[key]
+            self._fail(trial, str(result.get("error")))
+            return
+        values = _values(result, self.tasks, self.cfg.multi_objective)
+        if not self.cfg.multi_objective:
+            trial.report(values[0], step=int(result["stage"]))
+        if not result["final"]:
+            prune = not self.cfg.multi_objective and trial.should_prune()
+            self.ex.advance(key, go_on=not prune)
+            if prune:
+                del self.running[key]
+                trial.set_user_attr(st.ATTR_SCORES, {**_scores(result, values)})
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self.summary.pruned += 1
+            return
+        del self.running[key]
+        trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
+        self.study.tell(trial, values)
+        self.summary.evaluated += 1
+        self.scored.setdefault(run.recipe.hash(), (trial.number, values,
+                                                   float(result["objective"])))
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        """Runs until this study's budget is spent; returns the summary."""
+        self._beat(force=True)
+        self.summary.recovered = st.recover_stale(self.study, self.cfg.stale_after_s,
+                                                  self.cfg.max_retries, self.me)
+        self._seed_study()
+        self._sync()
+        try:
+            while True:
+                self._advance_baselines()
+                while len(self.running) < self.ex.slots and self._ask():
+                    pass
+                if not self.running:
+                    c = self._sync()
+                    if c["done"] >= self.cfg.n_trials:
+                        break
+                    if c["running"] == 0 and c["waiting"] == 0 and not self._may_sample():
+                        self._advance_baselines()
+                        if not self._may_sample():
+                            log.warning("greedy soup cannot proceed; sampling without it")
+                            self._baselines_done = True
+                        continue
+                    time.sleep(0.5)  # other drivers are finishing the last trials
+                    self._beat()
+                    continue
+                outcomes = self.ex.poll(timeout=1.0)
+                for o in outcomes:
+                    self._handle(o.key, o.result, o.died, o.reason)
+                if outcomes:
+                    self._sync()
+                self._beat()
+        finally:
+            self.progress.close()
+        self.summary.counts = self._sync()
+        return self.summary
+
+
+def _scores(result: dict[str, Any], values: list[float]) -> dict[str, Any]:
+    return {"metrics": result["metrics"], "n_docs": result["n_docs"],
+            "objective": result["objective"], "values": values,
+            "stage": result["stage"], "final": result["final"],
+            "timings": {k: round(float(v), 4) for k, v in result["timings"].items()}}
+
+
+def frozen_recipe(t: FrozenTrial) -> Recipe | None:
+    """The recipe a stored trial evaluated."""
+    data = t.user_attrs.get(st.ATTR_RECIPE)
+    return Recipe.from_dict(data) if data else None

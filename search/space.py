@@ -1,0 +1,274 @@
+"""The search space, derived from the methods' parameter specs.
+
+The merge method is a categorical choice (left out when only one method is searched, so
+CMA-ES can run on it); each method's parameters are sampled only when it is chosen and
+are named ``METHOD.PARAM`` (global) or ``METHOD.PARAM.MODEL`` (per-model), with ``@i``
+appended for the i-th of k per-layer anchors. A method that takes fewer models than
+there are experts adds a categorical ``METHOD.models`` over the allowed subsets.
+
+Example:
+    >>> space = Space.build(SpaceConfig(methods=("ties",)), "b", ("x/e1", "x/e2"))
+    >>> [n for n, _ in space.distributions("ties")][:3]
+    ['ties.weight.e1', 'ties.weight.e2', 'ties.density.e1']
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+)
+from optuna.trial import BaseTrial
+
+from search.config import ConfigError, SpaceConfig
+from search.merge.methods import get_method
+from search.merge.spec import MergeMethod, ParamSpec
+from search.recipe import ModelEntry, Recipe
+
+METHOD_KEY = "method"
+
+
+def short_names(models: Sequence[str]) -> list[str]:
+    """Readable, unique names for parameter keys: folder names, else ``m0``, ``m1``…"""
+    names = [os.path.basename(m.rstrip("/")) or m for m in models]
+    if len(set(names)) != len(names):
+        return [f"m{i}" for i in range(len(models))]
+    return names
+
+
+@dataclass(frozen=True)
+class _Param:
+    """One sampled (or fixed) parameter of one method."""
+
+    spec: ParamSpec
+    model: int | None  # index into experts for per-model parameters
+    dist: BaseDistribution | None  # None = fixed
+    fixed: Any = None
+
+
+def _override(cfg: SpaceConfig, method: str, name: str) -> Any:
+    per_method = cfg.params.get(method)
+    if isinstance(per_method, Mapping) and name in per_method:
+        return per_method[name]
+    return cfg.params.get(name)
+
+
+def _distribution(spec: ParamSpec, value: Any, where: str) -> tuple[BaseDistribution | None, Any]:
+    """(distribution, fixed value) from a spec and an optional override."""
+    if value is None:
+        if spec.kind == "bool" or spec.search is None:
+            return None, None  # the method's default
+        return FloatDistribution(*spec.search), None
+    if spec.kind == "bool":
+        if isinstance(value, bool):
+            return None, value
+        if isinstance(value, Sequence) and set(value) <= {True, False} and len(set(value)) == 2:
+            return CategoricalDistribution([False, True]), None
+        raise ConfigError(f"{where}: use true, false or [false, true], got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = spec.check(value)
+        if problem:
+            raise ConfigError(f"{where}: {problem} (valid: {spec.range_text()})")
+        return None, float(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        lo, hi = (float(v) for v in value)
+        problem = spec.check(lo) or spec.check(hi)
+        if problem or lo >= hi:
+            raise ConfigError(f"{where}: range [{lo:g}, {hi:g}] must be increasing inside "
+                              f"{spec.range_text()}")
+        return FloatDistribution(lo, hi), None
+    raise ConfigError(f"{where}: give [low, high] or a fixed number, got {value!r}")
+
+
+class Space:
+    """Maps Optuna trials to recipes and recipes back to trial parameters."""
+
+    def __init__(self, cfg: SpaceConfig, base: str, experts: Sequence[str],
+                 methods: Mapping[str, MergeMethod], seed: int = 0) -> None:
+        self.cfg = cfg
+        self.base = base
+        self.experts = tuple(experts)
+        self.short = short_names(self.experts)
+        self.methods = dict(methods)
+        self.seed = seed
+        self.anchors = cfg.per_layer_anchors if cfg.per_layer_anchors >= 2 else 0
+        self._params = {name: self._method_params(m) for name, m in self.methods.items()}
+
+    @classmethod
+    def build(cls, cfg: SpaceConfig, base: str, experts: Sequence[str], seed: int = 0) -> Space:
+        """Checks the config against the methods' specs and the number of experts."""
+        methods = {}
+        for name in cfg.methods:
+            m = get_method(name)
+            if len(experts) < m.min_models:
+                raise ConfigError(f"space.methods: {name} needs at least {m.min_models} "
+                                  f"experts, the models config has {len(experts)}; remove it")
+            methods[name] = m
+        known = set(methods) | {p.name for m in methods.values() for p in m.params}
+        for key, value in cfg.params.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"space.params.{key}: no searched method has this "
+                                  f"parameter; {hint}known: {', '.join(sorted(known))}")
+            if key in methods and not isinstance(value, Mapping):
+                raise ConfigError(f"space.params.{key}: give a mapping of {key}'s parameters")
+        return cls(cfg, base, experts, methods, seed)
+
+    def _method_params(self, method: MergeMethod) -> list[_Param]:
+        out: list[_Param] = []
+        for spec in method.params:
+            where = f"space.params.{spec.name}"
+            dist, fixed = _distribution(spec, _override(self.cfg, method.name, spec.name), where)
+            models: list[int | None] = list(range(len(self.experts))) \
+                if spec.per_model and dist is not None else [None]
+            out.extend(_Param(spec, i, dist, fixed) for i in models)
+        return out
+
+    def _subsets(self, method: MergeMethod) -> list[str]:
+        if method.max_models is None or method.max_models >= len(self.experts):
+            return []
+        k = method.max_models
+        return ["+".join(c) for c in itertools.combinations(self.short, k)]
+
+    def _key(self, method: str, p: _Param) -> str:
+        key = f"{method}.{p.spec.name}"
+        return key if p.model is None else f"{key}.{self.short[p.model]}"
+
+    def _anchored(self, p: _Param) -> bool:
+        return bool(self.anchors) and p.spec.per_layer and isinstance(p.dist, FloatDistribution)
+
+    def distributions(self, method: str) -> list[tuple[str, BaseDistribution]]:
+        """Every sampled parameter of ``method`` with its distribution, in order."""
+        out: list[tuple[str, BaseDistribution]] = []
+        subsets = self._subsets(self.methods[method])
+        if subsets:
+            out.append((f"{method}.models", CategoricalDistribution(subsets)))
+        for p in self._params[method]:
+            if p.dist is None:
+                continue
+            key = self._key(method, p)
+            if self._anchored(p):
+                out.extend((f"{key}@{i}", p.dist) for i in range(self.anchors))
+            else:
+                out.append((key, p.dist))
+        return out
+
+    @property
+    def has_categorical(self) -> bool:
+        """Whether any suggested parameter is categorical (CMA-ES cannot sample those)."""
+        if len(self.methods) > 1:
+            return True
+        return any(isinstance(d, CategoricalDistribution)
+                   for m in self.methods for _, d in self.distributions(m))
+
+    def suggest(self, trial: BaseTrial) -> Recipe:
+        """Samples a method and its parameters from ``trial``; returns the recipe."""
+        names = list(self.methods)
+        method = names[0] if len(names) == 1 else str(trial.suggest_categorical(METHOD_KEY,
+                                                                                 names))
+        values = {k: _suggest(trial, k, d) for k, d in self.distributions(method)}
+        return self._recipe(method, values)
+
+    def _recipe(self, method: str, values: Mapping[str, Any]) -> Recipe:
+        m = self.methods[method]
+        chosen = list(range(len(self.experts)))
+        if f"{method}.models" in values:
+            wanted = str(values[f"{method}.models"]).split("+")
+            chosen = [self.short.index(s) for s in wanted]
+        per_model: dict[int, dict[str, Any]] = {i: {} for i in chosen}
+        glob: dict[str, Any] = {}
+        for p in self._params[method]:
+            if p.dist is None:
+                if p.fixed is not None:
+                    glob[p.spec.name] = p.fixed
+                continue
+            key = self._key(method, p)
+            if self._anchored(p):
+                value: Any = [values[f"{key}@{i}"] for i in range(self.anchors)]
+            else:
+                value = values[key]
+            if p.model is None:
+                glob[p.spec.name] = value
+            elif p.model in per_model:
+                per_model[p.model][p.spec.name] = value
+        models = tuple(ModelEntry(self.experts[i], per_model[i]) for i in chosen)
+        return Recipe(
+            merge_method=method, models=models,
+            base_model=None if m.base == "ignored" else self.base,
+            parameters=glob, dtype=self.cfg.dtype,
+            seed=self.seed if m.random else None,
+        )
+
+    def params_for(self, recipe: Recipe) -> dict[str, Any] | None:
+        """Trial parameters that reproduce ``recipe`` (for enqueuing), or ``None``.
+
+        Experts missing from a recipe take weight 0 (a soup of fewer models); any other
+        value the space cannot express makes the recipe inexpressible.
+        """
+        method = recipe.merge_method
+        if method not in self.methods:
+            return None
+        listed = {m.model: m for m in recipe.models}
+        if set(listed) - set(self.experts):
+            return None
+        out: dict[str, Any] = {} if len(self.methods) == 1 else {METHOD_KEY: method}
+        subsets = self._subsets(self.methods[method])
+        if subsets:
+            key = "+".join(self.short[i] for i, e in enumerate(self.experts) if e in listed)
+            if key not in subsets:
+                return None
+            out[f"{method}.models"] = key
+        for p in self._params[method]:
+            if p.dist is None:
+                continue
+            value: Any = None
+            if p.model is not None:
+                entry = listed.get(self.experts[p.model])
+                if entry is None and subsets:
+                    continue  # not in the chosen subset: its value is never used
+                if entry is None:
+                    if p.spec.name != "weight":
+                        return None
+                    value = 0.0
+                else:
+                    value = entry.parameters.get(p.spec.name)
+            if value is None:
+                value = recipe.parameters.get(p.spec.name, p.spec.default)
+            if not _fits(value, p.dist, self.anchors if self._anchored(p) else 0):
+                return None
+            key = self._key(method, p)
+            if self._anchored(p):
+                vals = value if isinstance(value, list) else [value] * self.anchors
+                out.update({f"{key}@{i}": float(v) for i, v in enumerate(vals)})
+            else:
+                out[key] = value
+        return out
+
+
+def _suggest(trial: BaseTrial, key: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)
+    if not isinstance(dist, FloatDistribution):
+        raise TypeError(f"unsupported distribution {dist!r} for {key}")
+    return trial.suggest_float(key, dist.low, dist.high)
+
+
+def _fits(value: Any, dist: BaseDistribution, anchors: int) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if anchors and isinstance(value, list):
+        return len(value) == anchors and all(_fits(v, dist, 0) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not isinstance(dist, FloatDistribution):
+        return False
+    return dist.low - 1e-12 <= float(value) <= dist.high + 1e-12
