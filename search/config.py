@@ -153,6 +153,7 @@ def _build(cls: type, data: Any, where: str, convert: Mapping[str, Any] | None =
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     names = [f.name for f in fields(cls)]
+    types = {f.name: str(f.type) for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -160,12 +161,42 @@ def _build(cls: type, data: Any, where: str, convert: Mapping[str, Any] | None =
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{where}.{key}: unknown option; {hint}options: {', '.join(names)}")
         fn = (convert or {}).get(key)
-        kwargs[key] = fn(value, f"{where}.{key}") if fn else value
+        kwargs[key] = fn(value, f"{where}.{key}") if fn else _typed(value, types[key],
+                                                                      f"{where}.{key}")
     missing = [f.name for f in fields(cls) if f.name not in kwargs
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ConfigError(f"{where}: missing required option {missing[0]!r}")
     return cls(**kwargs)
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,),
+                                         "str": (str,)}
+
+
+def _typed(value: Any, annotation: str, where: str) -> Any:
+    """Checks a scalar option against its annotation (``int``, ``float | None``, …)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    for kind in kinds:
+        ok = _SCALARS.get(kind)
+        if ok is None:
+            return value  # not a scalar option: checked by its converter or by _check
+        if isinstance(value, ok) and not (kind != "bool" and isinstance(value, bool)):
+            return float(value) if kind == "float" else value
+    want = " or ".join("null" if k == "None" else {"str": "a string", "int": "an integer",
+                                                     "float": "a number", "bool": "true/false"
+                                                     }.get(k, k) for k in kinds)
+    raise ConfigError(f"{where}: expected {want}, got {value!r}")
+
+
+def _stages(value: Any, where: str) -> tuple[float, ...]:
+    items = value if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise ConfigError(f"{where}: expected a list of fractions like [0.25, 1.0], got "
+                          f"{value!r}")
+    return tuple(float(v) for v in items)
 
 
 def _tuple_of_str(value: Any, where: str) -> tuple[str, ...]:
@@ -241,8 +272,8 @@ def _check(cfg: SearchConfig) -> SearchConfig:
     ev = cfg.evaluator
     if not ev.tasks:
         raise ConfigError("evaluator.tasks is empty; list at least one lm-eval task")
-    if not ev.stages or list(ev.stages) != sorted(ev.stages) or ev.stages[-1] != 1.0 \
-            or ev.stages[0] <= 0:
+    if not ev.stages or any(b <= a for a, b in zip(ev.stages, ev.stages[1:], strict=False)) \
+            or ev.stages[-1] != 1.0 or ev.stages[0] <= 0:
         raise ConfigError(f"evaluator.stages={list(ev.stages)}: must increase from >0 to 1.0")
     if cfg.multi_objective and cfg.pruner.target:
         raise ConfigError("pruning needs a single objective; use pruner=none with "
@@ -275,7 +306,7 @@ def from_container(data: Mapping[str, Any]) -> SearchConfig:
         "pruner": _component,
         "evaluator": lambda v, w: _build(EvaluatorConfig, v, w, {
             "tasks": _tasks, "heldout": _tasks, "include_path": _tuple_of_str,
-            "stages": lambda x, _: tuple(float(s) for s in x)}),
+            "stages": _stages}),
         "storage": lambda v, w: _build(StorageConfig, v, w),
         "parallel": lambda v, w: _build(ParallelConfig, v, w),
     }
@@ -296,6 +327,22 @@ def from_hydra(cfg: Any) -> SearchConfig:
     return from_container(data)  # type: ignore[arg-type]
 
 
+def _absolute_paths(cfg: Any) -> None:
+    """Local paths in a composed config made absolute, so a saved config resumes anywhere."""
+    models = cfg.get("models")
+    if models is not None:
+        if isinstance(models.get("base"), str):
+            models.base = model_ref(models.base)
+        if models.get("experts") is not None:
+            models.experts = [model_ref(str(e)) for e in models.experts]
+    if cfg.get("seeds"):
+        cfg.seeds = [str(Path(os.path.expanduser(str(s))).absolute()) for s in cfg.seeds]
+    ev = cfg.get("evaluator")
+    if ev is not None and ev.get("include_path"):
+        ev.include_path = [str(Path(os.path.expanduser(str(s))).absolute())
+                           for s in ev.include_path]
+
+
 def compose_raw(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> Any:
     """Composes ``conf/search.yaml`` with Hydra overrides; returns the ``DictConfig``.
 
@@ -313,6 +360,7 @@ def compose_raw(overrides: Sequence[str] = (), config_dir: str | Path | None = N
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
             cfg = compose(config_name="search", overrides=list(overrides))
         cfg.run_dir = str(Path(os.path.expanduser(str(cfg.run_dir))).absolute())
+        _absolute_paths(cfg)
         return cfg
     except (HydraException, OmegaConfBaseException) as exc:
         text = str(exc).split("Config search path")[0]

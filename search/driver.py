@@ -71,6 +71,7 @@ class Driver:
         self.space = space
         self.ex = executor
         self.me = st.driver_id()
+        self._start = time.time()
         self.tasks = [t.name for t in cfg.evaluator.tasks]
         self.running: dict[int, _Running] = {}
         self.scored: dict[str, tuple[int, list[float], float]] = {}  # hash -> (n, values, obj)
@@ -80,8 +81,13 @@ class Driver:
                                  maximize=True, multi=cfg.multi_objective)
         self._last_beat = 0.0
         self._last_sync = 0.0
+        self._last_recover = time.time()
         self._baselines_done = not cfg.baselines
         self._seen: set[int] = set()
+        self._counts: dict[str, int] = st.counts([])
+        self._asked = 0  # trials this driver asked since the last sync
+        self._reports = not cfg.multi_objective and (
+            len(cfg.evaluator.stages) > 1 or cfg.pruner.target is not None)
 
     # -- storage views ---------------------------------------------------------------
 
@@ -107,6 +113,7 @@ class Driver:
         c = st.counts(trials)
         self.progress.update(c, self._best())
         self._last_sync = time.time()
+        self._counts, self._asked = c, 0
         return c
 
     def _best(self) -> float | None:
@@ -122,9 +129,10 @@ class Driver:
     def _beat(self, force: bool = False) -> None:
         now = time.time()
         if force or now - self._last_beat > st.HEARTBEAT_S:
-            st.heartbeat(self.study, self.me)
+            st.heartbeat(self.study, self.me, self._start)
             self._last_beat = now
-            if now - self._last_sync > 3 * st.HEARTBEAT_S:
+            if now - self._last_recover > 3 * st.HEARTBEAT_S:
+                self._last_recover = now
                 got = st.recover_stale(self.study, self.cfg.stale_after_s,
                                        self.cfg.max_retries, self.me)
                 self.summary.recovered += got
@@ -144,6 +152,8 @@ class Driver:
             return
         if self.study.user_attrs.get("baselines.enqueued"):
             return
+        if not self._leader():
+            return  # the first live driver seeds the study
         self.study.set_user_attr("baselines.enqueued", True)
         m = self.cfg.models
         if self.cfg.baselines:
@@ -155,6 +165,11 @@ class Driver:
     def _advance_baselines(self) -> None:
         """Enqueues the next greedy-soup step, or records the finished greedy soup."""
         if self._baselines_done:
+            return
+        if self.study.user_attrs.get("baselines.greedy") is not None:
+            self._baselines_done = True
+            return
+        if not self._leader():
             return
         m = self.cfg.models
         state = bl.greedy_step(list(m.experts), self._score_of, self.space.cfg.dtype)
@@ -170,12 +185,15 @@ class Driver:
         if state.next is None:
             return  # parents still running
         h = state.next.hash()
-        pending = any(r.recipe.hash() == h for r in self.running.values())
-        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if not pending and not any(
-                Recipe.from_dict(t.user_attrs.get(st.ATTR_RECIPE, {"merge_method": "x",
-                                 "models": ["x"]})).hash() == h for t in waiting):
+        queued = self.study.get_trials(deepcopy=False,
+                                       states=(TrialState.WAITING, TrialState.RUNNING))
+        if not any(st.ATTR_RECIPE in t.user_attrs
+                   and Recipe.from_dict(t.user_attrs[st.ATTR_RECIPE]).hash() == h
+                   for t in queued):
             self._enqueue(state.next, bl.GREEDY_STEP)
+
+    def _leader(self) -> bool:
+        return st.leader(self.study.user_attrs, self.cfg.stale_after_s) == self.me
 
     def _may_sample(self) -> bool:
         """The sampler may propose once the baselines are done (or none is waiting)."""
@@ -187,10 +205,12 @@ class Driver:
 
     def _ask(self) -> bool:
         """Asks one trial and submits it (or settles it at once); False if none was asked."""
-        c = st.counts(self.study.get_trials(deepcopy=False))
-        if c["done"] + c["running"] >= self.cfg.n_trials or not self._may_sample():
+        c = self._counts
+        used = c["done"] + c["running"] + self._asked
+        if used >= self.cfg.n_trials or not self._may_sample():
             return False
         trial = self.study.ask()
+        self._asked += 1
         trial.set_user_attr(st.ATTR_DRIVER, self.me)
         fixed = trial.user_attrs.get(st.ATTR_RECIPE)
         try:
@@ -202,7 +222,7 @@ class Driver:
             trial.set_user_attr(st.ATTR_RECIPE, (fixed or recipe.to_dict()))
             self._fail(trial, f"{type(exc).__name__}: {exc}")
             return True
-        if self._surplus(trial):
+        if used + self.ex.slots >= self.cfg.n_trials and self._surplus(trial):
             return False
         if fixed is None:
             trial.set_user_attr(st.ATTR_RECIPE, recipe.to_dict())
@@ -258,10 +278,10 @@ class Driver:
             self._fail(trial, str(result.get("error")))
             return
         values = _values(result, self.tasks, self.cfg.multi_objective)
-        if not self.cfg.multi_objective:
+        if self._reports:
             trial.report(values[0], step=int(result["stage"]))
         if not result["final"]:
-            prune = not self.cfg.multi_objective and trial.should_prune()
+            prune = self._reports and trial.should_prune()
             self.ex.advance(key, go_on=not prune)
             if prune:
                 del self.running[key]
@@ -296,9 +316,11 @@ class Driver:
                         break
                     if c["running"] == 0 and c["waiting"] == 0 and not self._may_sample():
                         self._advance_baselines()
-                        if not self._may_sample():
+                        if not self._may_sample() and self._leader():
                             log.warning("greedy soup cannot proceed; sampling without it")
                             self._baselines_done = True
+                        time.sleep(0.2)
+                        self._beat()
                         continue
                     time.sleep(0.5)  # other drivers are finishing the last trials
                     self._beat()

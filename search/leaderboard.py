@@ -115,12 +115,12 @@ class Leaderboard:
                                "failures": [{"reason": r, "count": n}
                                             for r, n in self.failures]}, indent=2)
         header = ["rank", "trial", "baseline", "method", "models", "params", "objective",
-                  *self.tasks, *(f"test:{h}" for h in self.heldout), "eval_s"]
+                  *self.tasks, *(f"test:{h}" for h in self.heldout), "time_s"]
         table = [[str(r["rank"]), str(r["trial"]), r["baseline"], r["method"], r["models"],
                   r["params"], f"{r['objective']:.4f}",
                   *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in self.tasks),
                   *(_opt(r["heldout"].get(h)) for h in self.heldout),
-                  f"{r['eval_s']:.2f}"] for r in rows]
+                  f"{r['time_s']:.2f}"] for r in rows]
         if fmt == "csv":
             buf = io.StringIO()
             writer = csv.writer(buf)
@@ -180,7 +180,7 @@ def _row(t: FrozenTrial, greedy: int | None) -> dict[str, Any]:
         "objective": float(scores.get("objective", t.values[0] if t.values else float("nan"))),
         "metrics": dict(scores.get("metrics", {})),
         "heldout": {k: float(v) for k, v in (held.get("metrics") or {}).items()},
-        "eval_s": float((scores.get("timings") or {}).get("total", 0.0))
+        "time_s": float((scores.get("timings") or {}).get("total", 0.0))
         + float((scores.get("timings") or {}).get("merge", 0.0)),
         "recipe_hash": recipe.hash(),
     }

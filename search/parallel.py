@@ -41,9 +41,10 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """Runs trials on worker slots."""
+    """Runs trials on worker slots; ``slots`` is the number of workers up right now."""
 
-    slots: int
+    @property
+    def slots(self) -> int: ...
 
     def submit(self, key: int, recipe: dict[str, Any]) -> None:
         """Starts trial ``key`` on a free slot (the caller keeps ``slots`` in mind)."""
@@ -144,7 +145,7 @@ class RayExecutor:
         if n == 0:
             n = int(resources.get("GPU", 0) // gpus) if gpus else \
                 int(resources.get("CPU", 1) // cfg.cpus_per_worker)
-        self.slots = max(1, n)
+        self.size = max(1, n)
         self._actor_cls = ray.remote(Worker).options(
             num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         self.setup = setup
@@ -154,9 +155,14 @@ class RayExecutor:
         self.starting: dict[Any, Any] = {}  # ready ref -> actor
         self.busy: dict[Any, tuple[int, Any]] = {}  # result ref -> (key, actor)
         self.held: dict[int, Any] = {}  # trial key -> actor, while it has stages to go
-        for _ in range(self.slots):
+        for _ in range(self.size):
             self._spawn()
         self._await_start()
+
+    @property
+    def slots(self) -> int:
+        """Workers that are up (a replacement counts once it has started)."""
+        return len(self.free) + len(self.busy) + len(self.held)
 
     def _spawn(self) -> None:
         actor = self._actor_cls.remote(self.setup)

@@ -88,7 +88,7 @@ def _check_parents(cfg: SearchConfig) -> None:
             s.close()
 
 
-def _logging(run_dir: Path) -> None:
+def _logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
@@ -98,6 +98,7 @@ def _logging(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
     optuna.logging.disable_default_handler()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return handler
 
 
 def open_search_study(cfg: SearchConfig, space: Space | None = None) -> optuna.Study:
@@ -129,7 +130,17 @@ def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if raw is not None:
         save(raw, cfg.run_dir / "config.yaml")
-    _logging(cfg.run_dir)
+    handler = _logging(cfg.run_dir)
+    try:
+        return _run(cfg, show_progress, executor)
+    finally:
+        for name in ("search", "optuna"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: SearchConfig, show_progress: bool, executor: Any
+         ) -> tuple[optuna.Study, Summary]:
     ensure_demo_models(cfg)
     _check_parents(cfg)
     space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)

@@ -39,7 +39,7 @@ METHOD_KEY = "method"
 def short_names(models: Sequence[str]) -> list[str]:
     """Readable, unique names for parameter keys: folder names, else ``m0``, ``m1``…"""
     names = [os.path.basename(m.rstrip("/")) or m for m in models]
-    if len(set(names)) != len(names):
+    if len(set(names)) != len(names) or any("+" in n for n in names):
         return [f"m{i}" for i in range(len(models))]
     return names
 
@@ -121,12 +121,22 @@ class Space:
                                   f"parameter; {hint}known: {', '.join(sorted(known))}")
             if key in methods and not isinstance(value, Mapping):
                 raise ConfigError(f"space.params.{key}: give a mapping of {key}'s parameters")
+            if key in methods:
+                own = [p.name for p in methods[key].params]
+                for sub_key in value:
+                    if sub_key not in own:
+                        close = difflib.get_close_matches(str(sub_key), own, n=1)
+                        hint = f"did you mean {close[0]!r}? " if close else ""
+                        raise ConfigError(f"space.params.{key}.{sub_key}: {key} has no such "
+                                          f"parameter; {hint}its parameters: {', '.join(own)}")
         return cls(cfg, base, experts, methods, seed)
 
     def _method_params(self, method: MergeMethod) -> list[_Param]:
         out: list[_Param] = []
         for spec in method.params:
-            where = f"space.params.{spec.name}"
+            per_method = self.cfg.params.get(method.name)
+            where = f"space.params.{method.name}.{spec.name}" if isinstance(
+                per_method, Mapping) and spec.name in per_method else f"space.params.{spec.name}"
             dist, fixed = _distribution(spec, _override(self.cfg, method.name, spec.name), where)
             models: list[int | None] = list(range(len(self.experts))) \
                 if spec.per_model and dist is not None else [None]
@@ -229,6 +239,8 @@ class Space:
             out[f"{method}.models"] = key
         for p in self._params[method]:
             if p.dist is None:
+                if p.fixed is not None and recipe.parameters.get(p.spec.name, p.fixed) != p.fixed:
+                    return None
                 continue
             value: Any = None
             if p.model is not None:

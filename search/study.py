@@ -50,10 +50,29 @@ def redact(url: str) -> str:
     return _SECRET.sub(r"\1***\3", url)
 
 
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+def _enable_sqlite_wal() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _sqlite_pragmas):
+        event.listen(Engine, "connect", _sqlite_pragmas)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``sqlite:///``, ``postgresql://``, ``mysql://`` or ``journal:///``.
 
-    SQLite waits up to 60 s for a lock (a leaderboard may read while a driver writes);
+    SQLite runs in WAL mode (readers never block the driver; a commit is not an fsync)
+    and waits up to 60 s for a lock;
     the journal backend is Optuna's file journal with its lock file beside it.
     """
     try:
@@ -67,6 +86,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 60}
+            _enable_sqlite_wal()
         else:
             kwargs["pool_pre_ping"] = True
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
@@ -105,9 +125,23 @@ def driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def heartbeat(study: optuna.Study, me: str) -> None:
-    """Records that driver ``me`` is alive now."""
-    study.set_user_attr(f"driver.{me}", time.time())
+def heartbeat(study: optuna.Study, me: str, start: float) -> None:
+    """Records that driver ``me`` (registered at ``start``) is alive now."""
+    study.set_user_attr(f"driver.{me}", {"start": start, "beat": time.time()})
+
+
+def _beat_of(value: Any) -> float | None:
+    if isinstance(value, dict):
+        return float(value["beat"])
+    return None if value is None else float(value)
+
+
+def leader(study_attrs: dict[str, Any], stale_after_s: float) -> str | None:
+    """The live driver registered first: it alone seeds baselines and the greedy soup."""
+    alive = [(v.get("start", 0.0), k[len("driver."):]) for k, v in study_attrs.items()
+             if k.startswith("driver.") and isinstance(v, dict)
+             and driver_alive(study_attrs, k[len("driver."):], stale_after_s)]
+    return min(alive)[1] if alive else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,7 +160,7 @@ def driver_alive(study_attrs: dict[str, Any], owner: str | None, stale_after_s: 
     if not owner:
         return False
     now = time.time() if now is None else now
-    beat = study_attrs.get(f"driver.{owner}")
+    beat = _beat_of(study_attrs.get(f"driver.{owner}"))
     host, pid, _ = [*owner.split(":"), "", "", ""][:3]
     if host == socket.gethostname() and pid.isdigit():
         return _pid_alive(int(pid)) and beat is not None
@@ -190,7 +224,8 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, max_retri
     if again:
         keep = {k: v for k, v in t.user_attrs.items()
                 if k in (ATTR_RECIPE, ATTR_BASELINE, "seed_file")}
-        study.enqueue_trial(dict(t.params), user_attrs={
+        params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+        study.enqueue_trial(params, user_attrs={
             **keep, ATTR_RETRIES: retries + 1, "retry_of": t.number}, skip_if_exists=False)
     return True
 

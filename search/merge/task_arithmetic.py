@@ -27,8 +27,11 @@ DENSITY = ParamSpec("density", 1.0, per_model=True, low=0.0, low_open=True, high
                     search=(0.1, 1.0), doc="fraction of each task vector's entries kept")
 GAMMA = ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0, search=(0.0, 0.1),
                   doc="fraction of largest-magnitude entries dropped as outliers")
-EPSILON = ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=0.5, search=(0.01, 0.2),
+EPSILON = ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=0.5, search=(0.01, 0.1),
                     doc="half-width of the keep-probability range around density")
+# DELLA needs density ± epsilon inside (0, 1): its searched densities stay clear of the ends.
+DELLA_DENSITY = ParamSpec("density", 1.0, per_model=True, low=0.0, low_open=True, high=1.0,
+                          search=(0.15, 0.85), doc=DENSITY.doc)
 LAMBDA = ParamSpec("lambda", 1.0, search=(0.3, 1.5),
                    doc="scale of the merged task vector")
 INT8_MASK = ParamSpec("int8_mask", False, kind="bool", per_layer=False,
@@ -153,10 +156,10 @@ _FAMILY: dict[str, tuple[str, str | None, bool, bool, tuple[ParamSpec, ...], str
                     "entries, add linearly."),
     "breadcrumbs_ties": ("outliers", "sum", False, False, (DENSITY, GAMMA),
                          "Model Breadcrumbs with TIES sign consensus."),
-    "della": ("della", "sum", True, True, (DENSITY, EPSILON),
+    "della": ("della", "sum", True, True, (DELLA_DENSITY, EPSILON),
               "DELLA: drop entries with probabilities ranked by magnitude, rescale, "
               "TIES sign consensus."),
-    "della_linear": ("della", None, False, True, (DENSITY, EPSILON),
+    "della_linear": ("della", None, False, True, (DELLA_DENSITY, EPSILON),
                      "DELLA sparsification, added linearly."),
 }
 
