@@ -184,7 +184,7 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
         if ok is None:
             return value  # not a scalar option: checked by its converter or by _check
         if isinstance(value, ok) and not (kind != "bool" and isinstance(value, bool)):
-            return float(value) if kind == "float" else value
+            return float(value) if kind == "float" else value  # type: ignore[arg-type]
     want = " or ".join("null" if k == "None" else {"str": "a string", "int": "an integer",
                                                      "float": "a number", "bool": "true/false"
                                                      }.get(k, k) for k in kinds)
