@@ -3,9 +3,10 @@
 #   1. set up .venv (first run only);
 #   2. build the demo models locally (a tiny Llama base and one expert per skill),
 #      printing how the parents and simple merges score on the val and test splits;
-#   3. merge a mergekit-style recipe with `soup merge` and score the merged folder
-#      with the lm-eval adapter.
-# Safe to run again: finished models are reused, the merge output is replaced.
+#   3. search merges with `soup search experiment=demo` (TPE over every method, two
+#      Ray workers, baselines first) and print the leaderboard.
+# Safe to run again: finished models are reused and a finished search only reprints
+# its leaderboard (the study in runs/demo resumes; its budget is already spent).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,23 +18,7 @@ echo "== 1/2  demo models (.cache/demo/models)"
 $PY scripts/make_demo_models.py
 
 echo
-echo "== 2/2  soup merge conf/recipes/demo_ties.yaml .cache/demo/merged"
-.venv/bin/soup merge conf/recipes/demo_ties.yaml .cache/demo/merged --force
-$PY - <<'PYEOF'
-import logging
-logging.disable(logging.WARNING)
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from evaluators.base import TaskSpec
-from evaluators.lm_eval import LmEvalEvaluator
-torch.set_num_threads(2)
-out = ".cache/demo/merged"
-model = AutoModelForCausalLM.from_pretrained(out).eval()
-tok = AutoTokenizer.from_pretrained(out)
-for split, suffix in (("val", ""), ("test", "_test")):
-    ev = LmEvalEvaluator([TaskSpec(f"soup_{s}{suffix}") for s in ("add", "reverse", "dup")])
-    sc = ev.evaluate(model, tok)
-    cells = "  ".join(f"{k.split('_')[1]} {v:.3f}" for k, v in sc.metrics.items())
-    print(f"   merged model, {split:4s}: {cells}  mean {sc.objective:.3f}")
-PYEOF
-echo "== done: merged model in .cache/demo/merged (its recipe: .cache/demo/merged/recipe.yaml)"
+echo "== 2/2  soup search experiment=demo (Optuna over every merge method, 2 Ray workers)"
+.venv/bin/soup search experiment=demo
+echo "== done: the study is in runs/demo (study.db, config.yaml, search.log)."
+echo "   Again: soup leaderboard runs/demo --top 20   |   more trials: soup resume runs/demo n_trials=120"
