@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 
 from search import baselines as bl
 from search import study as st
@@ -52,7 +52,6 @@ class Summary:
     died: int = 0
     recovered: list[int] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
-    best: list[tuple[int, Any]] = field(default_factory=list)
 
 
 def _values(result: dict[str, Any], tasks: Sequence[str], multi: bool) -> list[float]:
@@ -78,7 +77,7 @@ class Driver:
         self.failed_hashes: set[str] = set()
         self.summary = Summary()
         self.progress = Progress(cfg.n_trials, enabled=show_progress,
-                                 maximize=True, multi=cfg.multi_objective)
+                                 multi=cfg.multi_objective)
         self._last_beat = 0.0
         self._last_sync = 0.0
         self._last_recover = time.time()
@@ -343,8 +342,3 @@ def _scores(result: dict[str, Any], values: list[float]) -> dict[str, Any]:
             "stage": result["stage"], "final": result["final"],
             "timings": {k: round(float(v), 4) for k, v in result["timings"].items()}}
 
-
-def frozen_recipe(t: FrozenTrial) -> Recipe | None:
-    """The recipe a stored trial evaluated."""
-    data = t.user_attrs.get(st.ATTR_RECIPE)
-    return Recipe.from_dict(data) if data else None

@@ -19,8 +19,7 @@ from typing import Any
 class Progress:
     """A tqdm bar fed from the storage counts (so every driver shows the whole study)."""
 
-    def __init__(self, total: int, enabled: bool = True, maximize: bool = True,
-                 multi: bool = False) -> None:
+    def __init__(self, total: int, enabled: bool = True, multi: bool = False) -> None:
         self.total = total
         self.multi = multi
         self.postfix = ""

@@ -19,7 +19,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from search.config import TaskConfig
@@ -50,7 +50,6 @@ class WorkerSetup:
     stages: tuple[float, ...] = (1.0,)
     threads: int = 1
     simulate_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _error(kind: str, exc: BaseException) -> dict[str, Any]:
