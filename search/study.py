@@ -39,6 +39,7 @@ ATTR_ERROR = "error"
 ATTR_REQUEUED = "requeued"
 ATTR_RETRIES = "retries"
 ATTR_BASELINE = "baseline"
+HELDOUT_PREFIX = "heldout."  # study attr "heldout.<trial number>": soup evaluate's scores
 
 
 class StorageError(SoupError):
@@ -249,4 +250,23 @@ def counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
         elif t.state == TrialState.WAITING:
             out["waiting"] += 1
     out["done"] = out["complete"] + out["pruned"] + out["failed"]
+    return out
+
+
+def heldout_key(number: int) -> str:
+    """The study user attribute that holds trial ``number``'s held-out scores.
+
+    Finished trials are read-only in Optuna, so ``soup evaluate`` stores its scores on
+    the study: ``{"metrics": {task: value}, "objective": mean, "tasks": [...],
+    "n_docs": {task: n}, "time_s": s, "at": ISO time}``.
+    """
+    return f"{HELDOUT_PREFIX}{number}"
+
+
+def heldout_scores(study_attrs: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Trial number -> its held-out record (see :func:`heldout_key`), from study attrs."""
+    out = {}
+    for key, value in study_attrs.items():
+        if key.startswith(HELDOUT_PREFIX) and key[len(HELDOUT_PREFIX):].isdigit():
+            out[int(key[len(HELDOUT_PREFIX):])] = value
     return out
