@@ -6,6 +6,8 @@
     soup search [--cfg job] [OVERRIDE ...]       e.g. soup search experiment=demo
     soup resume RUN_DIR [KEY=VALUE ...]          e.g. soup resume runs/demo n_trials=100
     soup leaderboard RUN_DIR [--top K] [--sort TASK] [--format table|csv|json|markdown]
+    soup evaluate RUN_DIR [--top K] [--tasks NAME[,NAME...]] [--no-baselines] [--force]
+                  [--device auto|cpu|cuda]   (or --storage URL --study NAME --tasks ...)
 
 User mistakes print one line starting with ``error:`` and exit with status 2.
 """
@@ -100,7 +102,8 @@ def _open_for_reading(args: argparse.Namespace) -> object:
         return open_study(args.storage, args.study, [], create=False)
     if not args.run_dir:
         raise SoupError("give RUN_DIR, or --storage URL --study NAME")
-    _, cfg = config.load_saved(args.run_dir)
+    # the folder given is the run folder: a copied or moved run reads its own study.db
+    _, cfg = config.load_saved(args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])
     return open_study(cfg.storage.url, cfg.study_name, [], create=False)
 
 
@@ -114,6 +117,27 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         raise SoupError(str(exc)) from None
     print(board.render(args.format, top=args.top), end="")
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from search.evaluate import EvaluateOptions, describe, evaluate_run
+
+    if args.storage and args.run_dir:
+        raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    if args.tasks is not None and not tasks:
+        raise SoupError(f"--tasks {args.tasks!r}: give task names separated by commas")
+    opts = EvaluateOptions(top=args.top, tasks=tasks, baselines=not args.no_baselines,
+                           force=args.force, device=args.device,
+                           progress=not args.no_progress)
+    outcomes = evaluate_run(args.run_dir, opts, args.storage, args.study)
+    for outcome in outcomes:
+        print(describe(outcome))
+    n = {s: sum(o.status == s for o in outcomes) for s in ("evaluated", "skipped", "failed")}
+    where = args.run_dir or f"--storage URL --study {args.study}"
+    print(f"{n['evaluated']} evaluated, {n['skipped']} skipped, {n['failed']} failed; "
+          f"the leaderboard shows them as test:* columns: soup leaderboard {where}")
+    return 1 if n["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,9 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--storage", help="a storage URL instead of a run folder")
     lb.add_argument("--study", help="the study name (with --storage)")
     lb.add_argument("--top", type=int, default=10, help="rows to show (0 = all)")
-    lb.add_argument("--sort", help="sort by this task's metric (default: the objective)")
+    lb.add_argument("--sort", help="sort by a task, test:TASK or test:objective (default: "
+                                   "the search objective)")
     lb.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     lb.set_defaults(func=_cmd_leaderboard)
+
+    ev = sub.add_parser("evaluate", help="score the top candidates and the baselines on "
+                                         "the held-out tasks")
+    ev.add_argument("run_dir", nargs="?", help="the run folder (leave out with --storage)")
+    ev.add_argument("--storage", help="a storage URL instead of a run folder")
+    ev.add_argument("--study", help="the study name (with --storage)")
+    ev.add_argument("--top", type=int, default=5,
+                    help="the leaderboard's best K distinct candidates (default 5)")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the run's "
+                                    "evaluator.heldout)")
+    ev.add_argument("--no-baselines", action="store_true",
+                    help="skip the baselines outside the top K")
+    ev.add_argument("--force", action="store_true",
+                    help="re-score trials already evaluated on these tasks")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

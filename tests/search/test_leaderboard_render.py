@@ -15,6 +15,7 @@ from optuna.trial import TrialState, create_trial
 from search.baselines import soup
 from search.leaderboard import FORMATS, Leaderboard, short_params
 from search.recipe import ModelEntry, Recipe
+from search.study import heldout_key
 
 TASKS = ["soup_add", "soup_reverse"]
 EXPERTS = ["/m/expert_add", "/m/expert_reverse", "/m/expert_dup"]
@@ -37,10 +38,17 @@ COMPLETE: list[tuple[Recipe, dict[str, Any], dict[str, Any]]] = [
     (soup([EXPERTS[2]]), _scores(0.3, 0.3, 0.3), {"baseline": "parent"}),
     (soup(EXPERTS), _scores(0.6, 0.55, 0.65), {"baseline": "uniform_soup"}),
     (soup(EXPERTS[:2]), _scores(0.7, 0.75, 0.65), {"baseline": "greedy_step"}),
-    (TIES, _scores(0.8125, 0.625, 1.0, total=1.5),
-     {"heldout": {"metrics": {"soup_add_test": 0.6, "soup_reverse_test": 0.95}}}),
+    (TIES, _scores(0.8125, 0.625, 1.0, total=1.5), {}),
 ]
 GREEDY = 4  # trial number of the finished greedy soup
+HELD_TASKS = ["soup_add_test", "soup_reverse_test"]
+# soup evaluate's records (study attrs heldout.<trial>): trial 5 scored, trial 2 failed.
+HELDOUT = {5: {"metrics": {"soup_add_test": 0.6, "soup_reverse_test": 0.95},
+               "objective": 0.775, "tasks": HELD_TASKS,
+               "n_docs": {"soup_add_test": 50, "soup_reverse_test": 50}, "time_s": 0.3,
+               "at": "2025-01-01T00:00:00+00:00"},
+           2: {"error": "NonFiniteMergeError: tensor x holds NaN", "tasks": HELD_TASKS,
+               "time_s": 0.1, "at": "2025-01-01T00:00:00+00:00"}}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +60,8 @@ def study() -> optuna.Study:
     s.set_user_attr("search", {"tasks": TASKS, "objective": "mean", "base": "/m/base",
                                "experts": EXPERTS})
     s.set_user_attr("baselines.greedy", {"trial": GREEDY, "score": 0.7})
+    for number, record in HELDOUT.items():
+        s.set_user_attr(heldout_key(number), record)
     for recipe, scores, extra in COMPLETE:
         s.add_trial(create_trial(value=scores["objective"], user_attrs={
             "recipe": recipe.to_dict(), "scores": scores, **extra}))
@@ -85,7 +95,7 @@ def test_rows_ranked_by_objective(board: Leaderboard) -> None:
     objectives = [r["objective"] for r in board.rows]
     assert objectives == sorted(objectives, reverse=True)
     assert board.tasks == TASKS
-    assert board.heldout == ["soup_add_test", "soup_reverse_test"]
+    assert board.heldout == HELD_TASKS
 
 
 def test_row_contents(board: Leaderboard) -> None:
@@ -103,7 +113,10 @@ def test_row_contents(board: Leaderboard) -> None:
     assert rows[3]["models"] == "expert_add+expert_reverse+expert_dup"
     assert rows[5]["params"] == "w=0.52/0.31 d=0.50/0.40→0.60 λ=1.12"
     assert rows[5]["heldout"] == {"soup_add_test": 0.6, "soup_reverse_test": 0.95}
-    assert rows[0]["heldout"] == {}
+    assert rows[5]["heldout_objective"] == 0.775 and rows[5]["heldout_error"] is None
+    assert rows[0]["heldout"] == {} and rows[0]["heldout_objective"] is None
+    assert rows[2]["heldout"] == {} and rows[2]["heldout_objective"] is None
+    assert rows[2]["heldout_error"] == HELDOUT[2]["error"]
 
 
 def test_sort_by_task(study: optuna.Study) -> None:
@@ -146,7 +159,9 @@ def test_csv_parses_back(board: Leaderboard) -> None:
         for task in TASKS:
             assert float(row[task]) == pytest.approx(scores["metrics"][task], abs=5e-5)
     assert by_trial[5]["test:soup_reverse_test"] == "0.9500"
-    assert by_trial[0]["test:soup_add_test"] == ""
+    assert by_trial[5]["test:objective"] == "0.7750"
+    assert by_trial[0]["test:soup_add_test"] == "" and by_trial[0]["test:objective"] == ""
+    assert by_trial[2]["test:soup_add_test"] == "" and by_trial[2]["test:objective"] == "error"
     assert by_trial[4]["baseline"] == "greedy_soup"
     assert by_trial[5]["params"] == "w=0.52/0.31 d=0.50/0.40→0.60 λ=1.12"
 
@@ -258,3 +273,28 @@ def test_short_params() -> None:
     cond = Recipe("ties", (ModelEntry("/m/a", {"density": [{"filter": "mlp", "value": 0.5}]}),),
                   "/m/base", {"normalize": False, "epsilon": 0.1})
     assert short_params(cond) == "d=… normalize=false ε=0.10"
+
+
+def test_heldout_columns_apart(board: Leaderboard) -> None:
+    """Held-out columns come after the search columns, and the footer says which is which."""
+    header = board.render("csv").splitlines()[0].split(",")
+    assert header[6:9] == ["objective", *TASKS]
+    assert header[9:12] == ["test:soup_add_test", "test:soup_reverse_test", "test:objective"]
+    assert board.columns() == {"search": ["objective", *TASKS],
+                               "heldout": ["test:soup_add_test", "test:soup_reverse_test",
+                                           "test:objective"]}
+    footer = board.footer()
+    assert "objective, soup_add, soup_reverse = search scores" in footer
+    assert "test:* = held-out scores from `soup evaluate` (1 scored)" in footer
+    assert "held-out evaluation failed for trial 2: NonFiniteMergeError" in footer
+    assert json.loads(board.render("json"))["columns"] == board.columns()
+
+
+def test_sort_by_heldout(study: optuna.Study) -> None:
+    """--sort test:TASK orders by the held-out score; rows without one come last."""
+    by_test = Leaderboard.from_study(study, sort="test:soup_add_test")
+    assert [r["trial"] for r in by_test.rows] == [5, 0, 1, 2, 3, 4]
+    by_mean = Leaderboard.from_study(study, sort="test:objective")
+    assert by_mean.rows[0]["trial"] == 5
+    with pytest.raises(ValueError, match="test:soup_mul"):
+        Leaderboard.from_study(study, sort="test:soup_mul")
