@@ -6,6 +6,8 @@
     soup search [--cfg job] [OVERRIDE ...]       e.g. soup search experiment=demo
     soup resume RUN_DIR [KEY=VALUE ...]          e.g. soup resume runs/demo n_trials=100
     soup leaderboard RUN_DIR [--top K] [--sort TASK] [--format table|csv|json|markdown]
+    soup report RUN_DIR [--out DIR] [--top K] [--force]   (or --storage URL --study NAME
+                --out DIR): offline HTML report + PNG figures, default RUN_DIR/report
     soup evaluate RUN_DIR [--top K] [--tasks NAME[,NAME...]] [--no-baselines] [--force]
                   [--device auto|cpu|cuda]   (or --storage URL --study NAME --tasks ...)
 
@@ -140,6 +142,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if n["failed"] else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from search import config
+    from search.report import write_report
+
+    if args.storage and args.run_dir:
+        raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
+    if args.top < 0:
+        raise SoupError(f"--top {args.top}: give a count of rows, or 0 for all")
+    if args.storage and not args.out:
+        raise SoupError("--storage needs --out DIR (there is no run folder to write into)")
+    study = _open_for_reading(args)
+    url = args.storage or config.load_saved(
+        args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])[1].storage.url
+    out_dir = args.out or os.path.join(args.run_dir, "report")
+    out = write_report(study, out_dir, storage_url=url, top=args.top,  # type: ignore[arg-type]
+                       force=args.force)
+    print(f"report: {out / 'index.html'} (figures: {out}/*.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="soup", description=__doc__.splitlines()[0])
@@ -186,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the search objective)")
     lb.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     lb.set_defaults(func=_cmd_leaderboard)
+
+    rp = sub.add_parser("report", help="an offline HTML report with figures of a study")
+    rp.add_argument("run_dir", nargs="?", help="the run folder (leave out with --storage)")
+    rp.add_argument("--storage", help="a storage URL instead of a run folder")
+    rp.add_argument("--study", help="the study name (with --storage)")
+    rp.add_argument("--out", help="the report folder (default RUN_DIR/report)")
+    rp.add_argument("--top", type=int, default=10,
+                    help="leaderboard rows and parallel-coordinate lines (default 10, 0 = all)")
+    rp.add_argument("--force", action="store_true", help="replace an existing report folder")
+    rp.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("evaluate", help="score the top candidates and the baselines on "
                                          "the held-out tasks")
