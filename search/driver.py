@@ -20,23 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search import baselines as bl
 from search import study as st
 from search.config import SearchConfig
 from search.errors import SoupError
 from search.merge.methods import validate_recipe
+from search.mirror import Mirror, Ticket
 from search.progress import Progress
 from search.recipe import Recipe, RecipeError
 from search.space import Space
 
 log = logging.getLogger(__name__)
+SYNC_S = 1.0  # re-read the study at most this often while results arrive
 
 
 @dataclass
 class _Running:
-    trial: Trial
+    ticket: Ticket
     recipe: Recipe
     started: float
 
@@ -85,6 +87,8 @@ class Driver:
         self._seen: set[int] = set()
         self._counts: dict[str, int] = st.counts([])
         self._asked = 0  # trials this driver asked since the last sync
+        self._waiting = True  # enqueued trials may wait in storage
+        self.mirror = Mirror(study)
         self._reports = not cfg.multi_objective and (
             len(cfg.evaluator.stages) > 1 or cfg.pruner.target is not None)
 
@@ -109,7 +113,9 @@ class Driver:
             elif t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_REQUEUED) \
                     and not t.user_attrs.get("surplus"):
                 self.failed_hashes.add(h)
+        self.mirror.take_in(trials)
         c = st.counts(trials)
+        self._waiting = self._waiting or c["waiting"] > 0
         self.progress.update(c, self._best())
         self._last_sync = time.time()
         self._counts, self._asked = c, 0
@@ -140,6 +146,7 @@ class Driver:
     # -- baselines -----------------------------------------------------------------
 
     def _enqueue(self, recipe: Recipe, tag: str, **extra: Any) -> None:
+        self._waiting = True
         params = self.space.params_for(recipe) or {}
         self.study.enqueue_trial(params, user_attrs={st.ATTR_RECIPE: recipe.to_dict(),
                                                      st.ATTR_BASELINE: tag, **extra},
@@ -202,97 +209,119 @@ class Driver:
 
     # -- trials --------------------------------------------------------------------
 
+    def _claim(self) -> FrozenTrial | None:
+        """An enqueued trial (baseline, seed, retry) claimed from storage, if any wait."""
+        if self._baselines_done and not self._waiting:
+            return None
+        claimed = self.mirror.pop_waiting()
+        self._waiting = claimed is not None
+        return claimed
+
     def _ask(self) -> bool:
         """Asks one trial and submits it (or settles it at once); False if none was asked."""
         c = self._counts
         used = c["done"] + c["running"] + self._asked
         if used >= self.cfg.n_trials or not self._may_sample():
             return False
-        trial = self.study.ask()
+        claimed = self._claim()
+        mem = self.mirror.ask(claimed)
         self._asked += 1
-        trial.set_user_attr(st.ATTR_DRIVER, self.me)
-        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
+        fixed = claimed.user_attrs.get(st.ATTR_RECIPE) if claimed is not None else None
+        attrs: dict[str, Any] = {st.ATTR_DRIVER: self.me}
+        recipe: Recipe | None = None
         try:
-            recipe = self.space.suggest(trial)
+            recipe = self.space.suggest(mem) if mem is not None else None
             if fixed is not None:
                 recipe = Recipe.from_dict(fixed)
+            if recipe is None:
+                raise SoupError("an enqueued trial has neither parameters nor a recipe")
             validate_recipe(recipe)
         except (SoupError, RecipeError) as exc:
-            trial.set_user_attr(st.ATTR_RECIPE, (fixed or recipe.to_dict()))
-            self._fail(trial, f"{type(exc).__name__}: {exc}")
+            attrs[st.ATTR_RECIPE] = fixed or (recipe.to_dict() if recipe else None)
+            attrs[st.ATTR_ERROR] = f"{type(exc).__name__}: {exc}"
+            ticket = self.mirror.settle(mem, attrs, claimed, TrialState.FAIL, None)
+            self._failed(ticket, attrs[st.ATTR_ERROR])
             return True
-        if used + self.ex.slots >= self.cfg.n_trials and self._surplus(trial):
-            return False
-        if fixed is None:
-            trial.set_user_attr(st.ATTR_RECIPE, recipe.to_dict())
-        h = recipe.hash()
-        if self.cfg.dedup and h in self.scored:
-            number, values, _ = self.scored[h]
-            trial.set_user_attr("duplicate_of", number)
-            self.study.tell(trial, values)
+        attrs[st.ATTR_RECIPE] = recipe.to_dict()
+        dup = self.scored.get(recipe.hash()) if self.cfg.dedup else None
+        near_end = used + self.ex.slots >= self.cfg.n_trials
+        if dup is not None and not near_end:
+            attrs["duplicate_of"] = dup[0]
+            self.mirror.settle(mem, attrs, claimed, TrialState.COMPLETE, dup[1])
             self.summary.reused += 1
             return True
-        self.running[trial.number] = _Running(trial, recipe, time.time())
-        self.ex.submit(trial.number, recipe.to_dict())
+        ticket = self.mirror.start(mem, attrs, claimed)
+        if near_end and self._surplus(ticket, claimed):
+            return False
+        if dup is not None:
+            self.mirror.finish(ticket, TrialState.COMPLETE, dup[1], {"duplicate_of": dup[0]})
+            self.summary.reused += 1
+            return True
+        self.running[ticket.number] = _Running(ticket, recipe, time.time())
+        self.ex.submit(ticket.number, recipe.to_dict())
         return True
 
-    def _surplus(self, trial: Trial) -> bool:
+    def _surplus(self, ticket: Ticket, claimed: FrozenTrial | None) -> bool:
         """Over budget because another driver asked at the same moment: give it back."""
         trials = self.study.get_trials(deepcopy=False)
         c = st.counts(trials)
-        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number)
+        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < ticket.number)
         if c["done"] + ahead < self.cfg.n_trials:
             return False
-        trial.set_user_attr("surplus", True)
-        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
-        self.study.tell(trial, state=TrialState.FAIL)
-        if fixed is not None:
-            frozen = self.study._storage.get_trial(trial._trial_id)
-            self.study.enqueue_trial(dict(frozen.params), user_attrs={
-                k: v for k, v in frozen.user_attrs.items() if k not in ("surplus", "driver")})
+        self.mirror.finish(ticket, TrialState.FAIL, None, {"surplus": True})
+        if claimed is not None:
+            params = claimed.system_attrs.get("fixed_params") or dict(claimed.params)
+            self.study.enqueue_trial(dict(params), user_attrs={
+                k: v for k, v in claimed.user_attrs.items() if k not in ("surplus", "driver")})
+            self._waiting = True
         return True
 
-    def _fail(self, trial: Trial, reason: str) -> None:
-        trial.set_user_attr(st.ATTR_ERROR, reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+    def _failed(self, ticket: Ticket, reason: str) -> None:
         self.summary.failed += 1
-        recipe = trial.user_attrs.get(st.ATTR_RECIPE)
+        recipe = ticket.user_attrs.get(st.ATTR_RECIPE)
         if recipe:
             self.failed_hashes.add(Recipe.from_dict(recipe).hash())
-        log.info("trial %d failed: %s", trial.number, reason)
+        log.info("trial %d failed: %s", ticket.number, reason)
+
+    def _fail(self, ticket: Ticket, reason: str) -> None:
+        self.mirror.finish(ticket, TrialState.FAIL, None, {st.ATTR_ERROR: reason})
+        self._failed(ticket, reason)
 
     def _handle(self, key: int, result: dict[str, Any] | None, died: bool, reason: str) -> None:
-        run = self.running[key]
-        trial = run.trial
-        if died:
-            del self.running[key]
+        run = self.running.pop(key)
+        ticket = run.ticket
+        if died or result is None:
             self.summary.died += 1
-            frozen = self.study._storage.get_trial(trial._trial_id)
+            frozen = self.study._storage.get_trial(ticket.trial_id)
             st.fail_and_requeue(self.study, frozen, reason, self.cfg.max_retries)
+            self.mirror.forget(ticket)
+            self._waiting = True
             log.warning("trial %d: %s", key, reason)
             return
-        assert result is not None
         if not result.get("ok"):
-            del self.running[key]
-            self._fail(trial, str(result.get("error")))
+            self._fail(ticket, str(result.get("error")))
             return
         values = _values(result, self.tasks, self.cfg.multi_objective)
-        if self._reports:
-            trial.report(values[0], step=int(result["stage"]))
-        if not result["final"]:
-            prune = self._reports and trial.should_prune()
-            self.ex.advance(key, go_on=not prune)
-            if prune:
-                del self.running[key]
-                trial.set_user_attr(st.ATTR_SCORES, {**_scores(result, values)})
-                self.study.tell(trial, state=TrialState.PRUNED)
-                self.summary.pruned += 1
+        if not all(math.isfinite(v) for v in values):
+            self._fail(ticket, f"ValueError: the scores are not finite: {values}")
             return
-        del self.running[key]
-        trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
-        self.study.tell(trial, values)
+        prune = False
+        if self._reports:
+            prune = self.mirror.report(ticket, values[0], int(result["stage"]),
+                                       ask=not result["final"])
+        if not result["final"]:
+            self.ex.advance(key, go_on=not prune)
+            if not prune:
+                self.running[key] = run
+                return
+            self.mirror.finish(ticket, TrialState.PRUNED, None,
+                               {st.ATTR_SCORES: _scores(result, values)})
+            self.summary.pruned += 1
+            return
+        self.mirror.finish(ticket, TrialState.COMPLETE, values,
+                           {st.ATTR_SCORES: _scores(result, values)})
         self.summary.evaluated += 1
-        self.scored.setdefault(run.recipe.hash(), (trial.number, values,
+        self.scored.setdefault(run.recipe.hash(), (ticket.number, values,
                                                    float(result["objective"])))
 
     # -- the loop ------------------------------------------------------------------
@@ -327,8 +356,8 @@ class Driver:
                 outcomes = self.ex.poll(timeout=1.0)
                 for o in outcomes:
                     self._handle(o.key, o.result, o.died, o.reason)
-                if outcomes:
-                    self._sync()
+                if outcomes and time.time() - self._last_sync > SYNC_S:
+                    self._sync()  # this driver's own results are already counted
                 self._beat()
         finally:
             self.progress.close()
