@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from search.recipe import ModelEntry, Recipe
+from search.errors import SoupError
+from search.recipe import ModelEntry, Recipe, RecipeError
 
 PARENT, BASE, UNIFORM, GREEDY, GREEDY_STEP, SEED = (
     "parent", "base", "uniform_soup", "greedy_soup", "greedy_step", "seed")
@@ -80,3 +81,34 @@ def greedy_step(experts: Sequence[str], score_of: Callable[[Recipe], float | Non
             best = value
     ordered = [e for e in experts if e in ingredients]
     return GreedyState(None, True, tuple(ordered), soup(ordered, dtype), best)
+
+
+def load_seeds(paths: Sequence[str], parents: Sequence[str]) -> list[tuple[str, Recipe]]:
+    """The user's seed recipe files (config ``seeds``), read and checked, in order.
+
+    Model paths are resolved as ``models.*`` are (relative to the working folder), so a
+    recipe over the parents' folders names them exactly. Each recipe must pass the
+    driver's validation and merge only ``parents`` (the workers hold no other model);
+    otherwise :class:`SoupError` names the seed, before the search starts.
+    """
+    from search.config import model_ref
+    from search.merge.plan import MergePlan
+
+    out = []
+    for i, path in enumerate(paths):
+        where = f"seeds[{i}] {path}"
+        try:
+            raw = Recipe.load(path)
+            recipe = raw.with_changes(
+                models=tuple(ModelEntry(model_ref(m.model), m.parameters) for m in raw.models),
+                base_model=model_ref(raw.base_model) if raw.base_model else None)
+            plan = MergePlan.build(recipe)
+        except (SoupError, RecipeError) as exc:
+            raise SoupError(f"{where}: {exc}") from None
+        strangers = [m for m in plan.models if m not in parents]
+        if strangers:
+            raise SoupError(f"{where}: model {strangers[0]!r} is not a parent of this run; "
+                            "a seed may merge only models.base and models.experts, named by "
+                            f"their paths ({', '.join(parents)})")
+        out.append((str(path), recipe))
+    return out

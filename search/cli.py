@@ -10,6 +10,8 @@
                 --out DIR): offline HTML report + PNG figures, default RUN_DIR/report
     soup evaluate RUN_DIR [--top K] [--tasks NAME[,NAME...]] [--no-baselines] [--force]
                   [--device auto|cpu|cuda]   (or --storage URL --study NAME --tasks ...)
+    soup export RUN_DIR OUT_DIR [--trial N | --best] [--force] [--max-shard-size 2GB]
+                [--device auto|cpu|cuda]   (or --storage URL --study NAME OUT_DIR)
 
 User mistakes print one line starting with ``error:`` and exit with status 2.
 """
@@ -142,6 +144,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if n["failed"] else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search import config
+    from search.export import ExportOptions, export_trial
+
+    if args.storage and args.run_dir:
+        raise SoupError("give RUN_DIR OUT_DIR, or --storage URL --study NAME OUT_DIR, "
+                        "not both")
+    cfg = None
+    if args.run_dir and not args.storage:  # the run folder's own config and study.db
+        _, cfg = config.load_saved(args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])
+    study = _open_for_reading(args)
+    opts = ExportOptions(trial=args.trial, force=args.force,
+                         max_shard_bytes=args.max_shard_size, device=args.device)
+    print(export_trial(study, args.out_dir, opts, cfg).summary())  # type: ignore[arg-type]
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from search import config
     from search.report import write_report
@@ -235,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate)
+
+    ex = sub.add_parser("export", help="write a trial's merge as a model folder with a card")
+    ex.add_argument("run_dir", nargs="?", help="the run folder (leave out with --storage)")
+    ex.add_argument("out_dir", help="output folder (must not exist unless --force)")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--trial", type=int, help="the trial number (see soup leaderboard)")
+    which.add_argument("--best", action="store_true",
+                       help="the best completed trial (the default; single objective)")
+    ex.add_argument("--storage", help="a storage URL instead of a run folder")
+    ex.add_argument("--study", help="the study name (with --storage)")
+    ex.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ex.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
+                    help="largest output shard (default 2GB)")
+    ex.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's "
+                                     "models.device, where the search merged)")
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 

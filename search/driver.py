@@ -160,13 +160,18 @@ class Driver:
             return
         if not self._leader():
             return  # the first live driver seeds the study
-        self.study.set_user_attr("baselines.enqueued", True)
         m = self.cfg.models
+        seeds = bl.load_seeds(self.cfg.seeds, (m.base, *m.experts))  # a bad seed: no write
+        self.study.set_user_attr("baselines.enqueued", True)
         if self.cfg.baselines:
             for tag, recipe in bl.initial(m.base, m.experts, self.space.cfg.dtype):
                 self._enqueue(recipe, tag)
-        for path in self.cfg.seeds:
-            self._enqueue(Recipe.load(path), bl.SEED, seed_file=str(path))
+        for path, recipe in seeds:
+            if self.space.params_for(recipe) is None:
+                log.warning("seed %s: %s with these values is outside the searched space; it "
+                            "is evaluated as a reference point (like a baseline), but the "
+                            "sampler cannot build on its values", path, recipe.merge_method)
+            self._enqueue(recipe, bl.SEED, seed_file=path)
 
     def _advance_baselines(self) -> None:
         """Enqueues the next greedy-soup step, or records the finished greedy soup."""

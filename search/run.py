@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 
+from search.baselines import load_seeds
 from search.config import ComponentConfig, ConfigError, SearchConfig, save
 from search.driver import Driver, Summary
 from search.errors import SoupError
@@ -145,6 +146,8 @@ def _run(cfg: SearchConfig, show_progress: bool, executor: Any
     _check_parents(cfg)
     space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
     study = open_search_study(cfg, space)
+    if cfg.seeds and not study.user_attrs.get("baselines.enqueued"):
+        load_seeds(cfg.seeds, (cfg.models.base, *cfg.models.experts))  # before workers start
     log.info("study %s in %s", cfg.study_name, redact(cfg.storage.url))
     if executor is None:
         from search.parallel import make_executor
