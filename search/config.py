@@ -395,7 +395,11 @@ def to_yaml(cfg: Any) -> str:
 
 
 def load_saved(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, SearchConfig]:
-    """The config a run folder was started with, plus ``key=value`` overrides."""
+    """The config a run folder was started with, plus ``key=value`` overrides.
+
+    ``run_dir`` becomes the folder given (unless overridden), so a run folder that was
+    moved or copied reads and writes its own study, not the one at its old place.
+    """
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -409,6 +413,8 @@ def load_saved(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any,
         if bad:
             raise ConfigError(f"resume override {bad[0]!r}: use key=value (groups are fixed "
                               "when a study starts)")
+        if OmegaConf.select(cfg, "run_dir", default=None) is not None:
+            OmegaConf.update(cfg, "run_dir", str(Path(run_dir).absolute()), merge=False)
         for item in overrides:
             key, value = item.split("=", 1)
             if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
