@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import copy
 import os
 from collections.abc import Sequence
@@ -361,6 +363,18 @@ def test_load_saved_with_override(saved: tuple[Path, SearchConfig]) -> None:
     assert nested.parallel.workers == 3 and nested.sampler.kwargs["seed"] == 9
     _, cleared = config.load_saved(run_dir, ["models.dtype="])
     assert cleared.models.dtype is None
+
+
+def test_load_saved_follows_a_moved_run_folder(saved: tuple[Path, SearchConfig],
+                                               tmp_path: Path) -> None:
+    """A copied run folder reads its own study, not the one where it was started."""
+    moved = tmp_path / "moved"
+    shutil.copytree(saved[0], moved)
+    _, cfg = config.load_saved(moved)
+    assert cfg.run_dir == moved
+    assert cfg.storage.url == f"sqlite:///{moved}/study.db"
+    _, pinned = config.load_saved(moved, [f"run_dir={saved[0]}"])
+    assert pinned.storage.url == f"sqlite:///{saved[0]}/study.db"
 
 
 @pytest.mark.parametrize(("override", "needle"), [
