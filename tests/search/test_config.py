@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import copy
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
