@@ -65,9 +65,9 @@ class Mirror:
     def take_in(self, trials: Sequence[FrozenTrial]) -> None:
         """Copies finished trials from storage (earlier runs, other drivers) once each."""
         for t in trials:
-            if t.number in self._mine or t.number in self._taken or \
+            if t.number in self._mine or t.number in self._taken or not t.params or \
                     t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-                continue
+                continue  # no parameters (a recipe outside the space): nothing to learn
             self._taken.add(t.number)
             try:
                 self.mem.add_trial(t)

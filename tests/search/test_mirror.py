@@ -1,0 +1,113 @@
+"""The sampler's in-memory mirror: one write per new trial, storage stays the truth.
+
+The driver runs here with simulated workers (a score computed from the recipe, no
+models), so whole searches and resumes take a second or two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.config import SearchConfig, compose
+from search.driver import Driver
+from search.mirror import Mirror
+from search.parallel import SerialExecutor
+from search.recipe import Recipe
+from search.run import open_search_study, worker_setup
+from search.space import Space
+
+FAKE = ["models.base=/m/base", "models.experts=[/m/a,/m/b,/m/c]", "models.build_demo=false",
+        "parallel=serial", "pruner=none", "evaluator.stages=[1.0]", "study_name=mirror"]
+
+
+def _cfg(run_dir: Path, *extra: str) -> SearchConfig:
+    return compose([f"run_dir={run_dir}", *FAKE, *extra])
+
+
+def _search(cfg: SearchConfig) -> optuna.Study:
+    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
+    study = open_search_study(cfg, space)
+    ex = SerialExecutor(dataclasses.replace(worker_setup(cfg), simulate_s=0.0))
+    try:
+        Driver(cfg, study, space, ex, show_progress=False).run()
+    finally:
+        ex.close()
+    return study
+
+
+@pytest.mark.parametrize(("sampler", "space"), [("tpe", "all"), ("cmaes", "ties")])
+def test_search_and_resume_store_what_ran(tmp_path: Path, sampler: str, space: str) -> None:
+    """Every stored trial carries the parameters that produced its recipe; a resumed run
+    rebuilds the mirror from storage and continues the same count."""
+    cfg = _cfg(tmp_path, f"sampler={sampler}", f"space={space}", "n_trials=16")
+    _search(cfg)
+    study = _search(dataclasses.replace(cfg, n_trials=26))
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 26
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    spc = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
+    sampled = [t for t in trials if "baseline" not in t.user_attrs]
+    assert len(sampled) >= 10
+    for t in trials:
+        recipe = Recipe.from_dict(t.user_attrs["recipe"])
+        assert t.user_attrs["driver"]
+        if "duplicate_of" not in t.user_attrs:
+            assert t.user_attrs["scores"]["final"] is True
+        expected = spc.params_for(recipe) or {}
+        assert set(t.params) == set(expected), t.number
+        for name, value in expected.items():
+            assert t.params[name] == pytest.approx(value), (t.number, name)
+    if sampler == "cmaes":  # CMA-ES keeps its state in the stored trials' system attrs
+        assert any(any(k.startswith("cma:") for k in t.system_attrs) for t in sampled)
+
+
+def test_enqueued_trial_is_claimed_by_one_mirror(tmp_path: Path) -> None:
+    """Two drivers' mirrors on one SQLite study: an enqueued trial goes to exactly one."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    a = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    b = optuna.load_study(storage=url, study_name="s")
+    a.enqueue_trial({"x": 0.25}, user_attrs={"recipe": {"k": 1}})
+    ma, mb = Mirror(a), Mirror(b)
+    first, second = ma.pop_waiting(), mb.pop_waiting()
+    assert first is not None and second is None
+    assert first.state == TrialState.RUNNING and first.user_attrs["recipe"] == {"k": 1}
+    mem = ma.ask(first)
+    assert mem is not None
+    mem.suggest_float("x", 0.0, 1.0)
+    assert mem.params == {"x": 0.25}
+    ticket = ma.start(mem, {"driver": "me"}, first)
+    ma.finish(ticket, TrialState.COMPLETE, [0.5], {"scores": {"objective": 0.5}})
+    stored = b.get_trials(deepcopy=False)[0]
+    assert stored.state == TrialState.COMPLETE and stored.value == 0.5
+    assert stored.params == {"x": 0.25}
+    assert stored.user_attrs == {"recipe": {"k": 1}, "driver": "me",
+                                 "scores": {"objective": 0.5}}
+    mb.take_in(b.get_trials(deepcopy=False))  # the other driver's sampler learns it
+    assert [t.params for t in mb.mem.get_trials()] == [{"x": 0.25}]
+
+
+def test_new_trial_is_one_write_and_mirror_learns_outcomes(tmp_path: Path) -> None:
+    """start() creates the RUNNING trial with its parameters and attributes at once;
+    trials without parameters never reach the sampler."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
+    mirror = Mirror(study)
+    mem = mirror.ask(None)
+    assert mem is not None
+    mem.suggest_float("x", 0.0, 1.0)
+    ticket = mirror.start(mem, {"driver": "me", "recipe": {"r": 1}}, None)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert [t.number for t in running] == [ticket.number]
+    assert running[0].params == mem.params and running[0].user_attrs["recipe"] == {"r": 1}
+    mirror.finish(ticket, TrialState.FAIL, None, {"error": "ValueError: boom"})
+    assert mirror.mem.get_trials()[0].state == TrialState.FAIL
+    assert study.get_trials()[0].user_attrs["error"] == "ValueError: boom"
+    # a trial from storage without parameters (a baseline outside the space) is skipped
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"baseline": "base"}))
+    fresh = Mirror(study)
+    fresh.take_in(study.get_trials(deepcopy=False))
+    assert fresh.mem.get_trials() == []
