@@ -75,7 +75,9 @@ class Driver:
         self._start = time.time()
         self.tasks = [t.name for t in cfg.evaluator.tasks]
         self.running: dict[int, _Running] = {}
-        self.scored: dict[str, tuple[int, list[float], float]] = {}  # hash -> (n, values, obj)
+        # recipe hash -> (trial number, or the ticket until its number is needed; values;
+        # objective)
+        self.scored: dict[str, tuple[int | Ticket, list[float], float]] = {}
         self.failed_hashes: set[str] = set()
         self.summary = Summary()
         self.progress = Progress(cfg.n_trials, enabled=show_progress,
@@ -94,8 +96,16 @@ class Driver:
 
     # -- storage views ---------------------------------------------------------------
 
+    def _number(self, ref: int | Ticket) -> int:
+        return ref if isinstance(ref, int) else self.mirror.number(ref)
+
+    def _number_of(self, recipe_hash: str) -> int | None:
+        entry = self.scored.get(recipe_hash)
+        return None if entry is None else self._number(entry[0])
+
     def _sync(self) -> dict[str, int]:
         """Re-reads the trials: budget counts, dedup table, best so far."""
+        self.mirror.flush()
         trials = self.study.get_trials(deepcopy=False)
         for t in trials:
             if t.number in self._seen or not t.state.is_finished():
@@ -185,12 +195,12 @@ class Driver:
         m = self.cfg.models
         state = bl.greedy_step(list(m.experts), self._score_of, self.space.cfg.dtype)
         if state.done and state.recipe is not None:
-            n = self.scored.get(state.recipe.hash(), (None,))[0]
+            n = self._number_of(state.recipe.hash())
             self.study.set_user_attr("baselines.greedy", {
                 "trial": n, "recipe_hash": state.recipe.hash(), "score": state.score,
                 "ingredients": list(state.ingredients)})
             uniform = bl.soup(list(m.experts), self.space.cfg.dtype).hash()
-            self.study.set_user_attr("baselines.uniform", self.scored.get(uniform, (None,))[0])
+            self.study.set_user_attr("baselines.uniform", self._number_of(uniform))
             self._baselines_done = True
             return
         if state.next is None:
@@ -251,7 +261,7 @@ class Driver:
         dup = self.scored.get(recipe.hash()) if self.cfg.dedup else None
         near_end = used + self.ex.slots >= self.cfg.n_trials
         if dup is not None and not near_end:
-            attrs["duplicate_of"] = dup[0]
+            attrs["duplicate_of"] = self._number(dup[0])
             self.mirror.settle(mem, attrs, claimed, TrialState.COMPLETE, dup[1])
             self.summary.reused += 1
             return True
@@ -259,18 +269,21 @@ class Driver:
         if near_end and self._surplus(ticket, claimed):
             return False
         if dup is not None:
-            self.mirror.finish(ticket, TrialState.COMPLETE, dup[1], {"duplicate_of": dup[0]})
+            self.mirror.finish(ticket, TrialState.COMPLETE, dup[1],
+                               {"duplicate_of": self._number(dup[0])})
             self.summary.reused += 1
             return True
-        self.running[ticket.number] = _Running(ticket, recipe, time.time())
-        self.ex.submit(ticket.number, recipe.to_dict())
+        self.running[ticket.trial_id] = _Running(ticket, recipe, time.time())
+        self.ex.submit(ticket.trial_id, recipe.to_dict())
         return True
 
     def _surplus(self, ticket: Ticket, claimed: FrozenTrial | None) -> bool:
         """Over budget because another driver asked at the same moment: give it back."""
+        self.mirror.flush()
         trials = self.study.get_trials(deepcopy=False)
         c = st.counts(trials)
-        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < ticket.number)
+        number = self.mirror.number(ticket)
+        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < number)
         if c["done"] + ahead < self.cfg.n_trials:
             return False
         self.mirror.finish(ticket, TrialState.FAIL, None, {"surplus": True})
@@ -286,7 +299,7 @@ class Driver:
         recipe = ticket.user_attrs.get(st.ATTR_RECIPE)
         if recipe:
             self.failed_hashes.add(Recipe.from_dict(recipe).hash())
-        log.info("trial %d failed: %s", ticket.number, reason)
+        log.info("trial %d failed: %s", self.mirror.number(ticket), reason)
 
     def _fail(self, ticket: Ticket, reason: str) -> None:
         self.mirror.finish(ticket, TrialState.FAIL, None, {st.ATTR_ERROR: reason})
@@ -301,7 +314,7 @@ class Driver:
             st.fail_and_requeue(self.study, frozen, reason, self.cfg.max_retries)
             self.mirror.forget(ticket)
             self._waiting = True
-            log.warning("trial %d: %s", key, reason)
+            log.warning("trial %d: %s", frozen.number, reason)
             return
         if not result.get("ok"):
             self._fail(ticket, str(result.get("error")))
@@ -320,14 +333,13 @@ class Driver:
                 self.running[key] = run
                 return
             self.mirror.finish(ticket, TrialState.PRUNED, None,
-                               {st.ATTR_SCORES: _scores(result, values)})
+                               {st.ATTR_SCORES: _scores(result, values)}, defer=True)
             self.summary.pruned += 1
             return
         self.mirror.finish(ticket, TrialState.COMPLETE, values,
-                           {st.ATTR_SCORES: _scores(result, values)})
+                           {st.ATTR_SCORES: _scores(result, values)}, defer=True)
         self.summary.evaluated += 1
-        self.scored.setdefault(run.recipe.hash(), (ticket.number, values,
-                                                   float(result["objective"])))
+        self.scored.setdefault(run.recipe.hash(), (ticket, values, float(result["objective"])))
 
     # -- the loop ------------------------------------------------------------------
 
@@ -343,6 +355,7 @@ class Driver:
                 self._advance_baselines()
                 while len(self.running) < self.ex.slots and self._ask():
                     pass
+                self.mirror.flush()  # the results that freed those workers
                 if not self.running:
                     c = self._sync()
                     if c["done"] >= self.cfg.n_trials:
@@ -366,6 +379,7 @@ class Driver:
                 self._beat()
         finally:
             self.progress.close()
+            self.mirror.flush()
         self.summary.counts = self._sync()
         return self.summary
 

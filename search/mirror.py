@@ -41,7 +41,7 @@ class Ticket:
     """
 
     trial_id: int
-    number: int
+    number: int | None  # resolved on demand (one storage read): see Mirror.number
     mem: Trial | None
     user_attrs: dict[str, Any]
 
@@ -53,8 +53,9 @@ class Mirror:
         self.study = study
         self.mem = optuna.create_study(directions=study.directions, sampler=study.sampler,
                                        pruner=optuna.pruners.NopPruner())
-        self._mine: set[int] = set()  # storage numbers whose outcome reaches mem by tell
-        self._taken: set[int] = set()  # storage numbers copied into mem
+        self._mine: set[int] = set()  # storage trial ids whose outcome reaches mem by tell
+        self._taken: set[int] = set()  # storage trial ids copied into mem
+        self._pending: list[tuple[Ticket, TrialState, list[float] | None, dict[str, Any]]] = []
 
     @property
     def _storage(self) -> Any:
@@ -65,10 +66,10 @@ class Mirror:
     def take_in(self, trials: Sequence[FrozenTrial]) -> None:
         """Copies finished trials from storage (earlier runs, other drivers) once each."""
         for t in trials:
-            if t.number in self._mine or t.number in self._taken or not t.params or \
+            if t._trial_id in self._mine or t._trial_id in self._taken or not t.params or \
                     t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
                 continue  # no parameters (a recipe outside the space): nothing to learn
-            self._taken.add(t.number)
+            self._taken.add(t._trial_id)
             try:
                 self.mem.add_trial(t)
             except ValueError as exc:  # e.g. a categorical whose choices changed on resume
@@ -120,9 +121,14 @@ class Mirror:
         return ticket
 
     def _ticket(self, tid: int, mem: Trial | None, attrs: dict[str, Any]) -> Ticket:
-        number = self._storage.get_trial_number_from_id(tid)
-        self._mine.add(number)
-        return Ticket(tid, number, mem, attrs)
+        self._mine.add(tid)
+        return Ticket(tid, None, mem, attrs)
+
+    def number(self, ticket: Ticket) -> int:
+        """The trial's number in storage (read once, when first needed)."""
+        if ticket.number is None:
+            ticket.number = int(self._storage.get_trial_number_from_id(ticket.trial_id))
+        return ticket.number
 
     def _create(self, mem: Trial | None, state: TrialState, user_attrs: dict[str, Any],
                 values: Sequence[float] | None) -> int:
@@ -148,7 +154,7 @@ class Mirror:
         for key, value in user_attrs.items():
             if claimed.user_attrs.get(key) != value:
                 self._storage.set_trial_user_attr(tid, key, value)
-        self._mine.add(claimed.number)
+        self._mine.add(tid)
         return Ticket(tid, claimed.number, mem, {**claimed.user_attrs, **user_attrs})
 
     # -- outcomes --------------------------------------------------------------------
@@ -163,13 +169,30 @@ class Mirror:
         return ask and trial.should_prune()
 
     def finish(self, ticket: Ticket, state: TrialState, values: Sequence[float] | None,
+               user_attrs: dict[str, Any], defer: bool = False) -> None:
+        """Tells the mirror the outcome and stores it (attributes first, then the state).
+
+        With ``defer`` the storage writes wait for :meth:`flush`, so the driver can hand
+        the freed worker its next trial first. Until then the trial reads as RUNNING;
+        if the driver dies in between, resume re-runs it (nothing is corrupted).
+        """
+        self._tell_mem(ticket, state, values)
+        vals = list(values) if values is not None else None
+        if defer:
+            self._pending.append((ticket, state, vals, user_attrs))
+            return
+        self._write(ticket, state, vals, user_attrs)
+
+    def flush(self) -> None:
+        """Stores the deferred outcomes, oldest first."""
+        while self._pending:
+            self._write(*self._pending.pop(0))
+
+    def _write(self, ticket: Ticket, state: TrialState, values: list[float] | None,
                user_attrs: dict[str, Any]) -> None:
-        """Stores the outcome (attributes first, then the state) and tells the mirror."""
         for key, value in user_attrs.items():
             self._storage.set_trial_user_attr(ticket.trial_id, key, value)
-        self._storage.set_trial_state_values(ticket.trial_id, state,
-                                             list(values) if values is not None else None)
-        self._tell_mem(ticket, state, values)
+        self._storage.set_trial_state_values(ticket.trial_id, state, values)
 
     def forget(self, ticket: Ticket) -> None:
         """Ends the mirror trial of a ticket settled elsewhere (a dead worker's trial)."""

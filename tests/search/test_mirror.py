@@ -101,10 +101,13 @@ def test_new_trial_is_one_write_and_mirror_learns_outcomes(tmp_path: Path) -> No
     mem.suggest_float("x", 0.0, 1.0)
     ticket = mirror.start(mem, {"driver": "me", "recipe": {"r": 1}}, None)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    assert [t.number for t in running] == [ticket.number]
+    assert ticket.number is None  # read only when needed
+    assert [t.number for t in running] == [mirror.number(ticket)]
     assert running[0].params == mem.params and running[0].user_attrs["recipe"] == {"r": 1}
-    mirror.finish(ticket, TrialState.FAIL, None, {"error": "ValueError: boom"})
-    assert mirror.mem.get_trials()[0].state == TrialState.FAIL
+    mirror.finish(ticket, TrialState.FAIL, None, {"error": "ValueError: boom"}, defer=True)
+    assert mirror.mem.get_trials()[0].state == TrialState.FAIL  # the sampler knows at once
+    assert study.get_trials()[0].state == TrialState.RUNNING  # storage after flush()
+    mirror.flush()
     assert study.get_trials()[0].user_attrs["error"] == "ValueError: boom"
     # a trial from storage without parameters (a baseline outside the space) is skipped
     study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"baseline": "base"}))
