@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
+class EvaluatorError(ValueError):
+    """A task, metric or document selection that cannot be used (user input)."""
+
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task to score and how.

@@ -27,14 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluators.base import Scores, TaskSpec
+from evaluators.base import EvaluatorError, Scores, TaskSpec
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
 log = logging.getLogger(__name__)
-
-
-class EvaluatorError(ValueError):
-    """A task, metric or document selection that cannot be used (user input)."""
 
 
 class _QuietCustomDataset(logging.Filter):
