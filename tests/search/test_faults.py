@@ -65,6 +65,17 @@ def _finished(storage: str) -> int:
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
 
 
+def _finished_by(storage: str, pid: int) -> bool:
+    """Whether the driver process ``pid`` has completed a trial."""
+    try:
+        study = optuna.load_study(study_name="faults", storage=storage)
+    except Exception:
+        return False
+    return any(t.state == TrialState.COMPLETE
+               and str(t.user_attrs.get("driver", "")).split(":")[1:2] == [str(pid)]
+               for t in study.get_trials(deepcopy=False))
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -154,8 +165,11 @@ def test_two_drivers_on_postgresql_with_a_driver_killed(
     procs = [_start(["search", "--no-progress", *_overrides(family, r, *common)], log)
              for r, log in zip(runs, logs, strict=True)]
     try:
-        _wait_for(lambda: _finished(postgres_url) >= 8, 240, "eight finished trials",
-                  procs[0])
+        # kill the first driver once it has finished trials of its own (otherwise the
+        # second, if it started sooner, may have done them all and the test proves less)
+        _wait_for(lambda: _finished(postgres_url) >= 8 and _finished_by(postgres_url,
+                                                                          procs[0].pid),
+                  240, "eight finished trials, some by the first driver", procs[0])
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait(timeout=30)
         assert procs[1].wait(timeout=400) == 0, logs[1].read_text()[-3000:]
@@ -169,5 +183,7 @@ def test_two_drivers_on_postgresql_with_a_driver_killed(
     study = _check_study(postgres_url, runs[0])
     drivers = {t.user_attrs.get("driver", "").split(":")[1] for t in study.get_trials()
                if t.state == TrialState.COMPLETE and "driver" in t.user_attrs}
-    assert len(drivers) >= 2, "both drivers should have finished trials"
+    who = [(t.number, t.state.name, t.user_attrs.get("driver"), t.user_attrs.get("baseline"))
+           for t in study.get_trials()]
+    assert len(drivers) >= 2, f"both drivers should have finished trials: {who}"
     assert "soup:soup@" not in resume.stdout + resume.stderr  # the password is never printed
