@@ -35,6 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import study as st
+from search.atomic import replace_folder
 from search.errors import OutputExistsError, SoupError
 from search.export_card import CardFacts, model_card
 from search.merge.streaming import resolve_device
@@ -231,18 +232,6 @@ def _check_output(out: Path, parents: Parents, force: bool) -> None:
                                     "export somewhere else")
 
 
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not force:
-        raise OutputExistsError(f"output folder {str(out)!r} appeared during the export; "
-                                "choose another or pass --force to replace it")
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
 
 def export_trial(study: optuna.Study, out_dir: str | os.PathLike[str],
                  options: ExportOptions | None = None,
@@ -280,7 +269,7 @@ def export_trial(study: optuna.Study, out_dir: str | os.PathLike[str],
         facts = CardFacts.gather(study, trial, recipe, cfg, (executor, parents.device))
         (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
         recipe.save(tmp / "recipe.yaml")
-        _move_into_place(tmp, out, opts.force)
+        replace_folder(tmp, out, opts.force, "output folder")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

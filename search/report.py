@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial
 from search import __version__
 from search import report_data as rd
 from search import report_figures as rf
+from search.atomic import replace_folder
 from search.errors import OutputExistsError
 from search.leaderboard import Leaderboard
 from search.study import redact
@@ -270,24 +271,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
         for fig in report.figures:
             (tmp / f"{fig.name}.png").write_bytes(fig.png)
         (tmp / "index.html").write_text(render_html(report), encoding="utf-8")
-        _replace(tmp, out, force)
+        replace_folder(tmp, out, force, "report folder")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace(tmp: Path, out: Path, force: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not force:
-        raise OutputExistsError(f"report folder {str(out)!r} appeared while the report was "
-                                "built; pass --force to replace it")
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()

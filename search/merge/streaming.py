@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from search.atomic import replace_folder
 from search.errors import IncompatibleModelsError, NonFiniteMergeError, OutputExistsError, SoupError
 from search.merge.plan import MergePlan, finite
 from search.merge.safetensors_io import ShardedWriter
@@ -249,7 +250,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
         from search.merge.model_files import write_model_files
 
         write_model_files(prep, tmp, specs)
-        _replace(tmp, out, opts.force)
+        replace_folder(tmp, out, opts.force, "output folder")
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -259,15 +260,3 @@ def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
         prep.close()
     log.info("merged %d tensors into %s in %.2fs", len(prep.shapes), out, time.perf_counter() - t0)
     return out
-
-
-def _replace(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise OutputExistsError(f"output folder {str(out)!r} appeared during the merge")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

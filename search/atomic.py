@@ -1,0 +1,32 @@
+"""Atomic output folders: build in a hidden sibling, then rename into place.
+
+Example:
+    >>> replace_folder(Path(".out.tmp"), Path("out"), force=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from search.errors import OutputExistsError
+
+
+def replace_folder(tmp: Path, out: Path, force: bool, what: str = "output folder") -> None:
+    """Renames the finished ``tmp`` to ``out``; with ``force`` an existing ``out`` is
+    swapped out first (two renames) and removed, otherwise it is an error."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not force:
+        raise OutputExistsError(f"{what} {str(out)!r} appeared while it was written; "
+                                "choose another or pass --force to replace it")
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
