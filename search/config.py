@@ -31,7 +31,11 @@ class ConfigError(SoupError):
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    """The parents: a shared base and the fine-tuned experts (paths or hub ids)."""
+    """The parents: a shared base and the fine-tuned experts (paths or hub ids).
+
+    An expert may be a PEFT LoRA adapter folder (applied to ``base``) or, in mergekit's
+    syntax, ``MODEL+ADAPTER``.
+    """
 
     base: str
     experts: tuple[str, ...]
@@ -208,16 +212,33 @@ def _tuple_of_str(value: Any, where: str) -> tuple[str, ...]:
 
 
 def model_ref(name: str) -> str:
-    """A local path made absolute (recipes then work from any folder); hub ids as given."""
+    """A local path made absolute (recipes then work from any folder); hub ids as given.
+
+    ``MODEL+ADAPTER`` (a LoRA adapter applied to a model) has both parts resolved.
+    """
     path = Path(os.path.expanduser(name))
+    if "+" in name and not path.exists():
+        model, _, adapter = name.partition("+")
+        return f"{model_ref(model)}+{model_ref(adapter)}" if model and adapter else name
     if name.startswith((".", "/", "~")) or path.exists():
         return str(path.absolute())
     return name
 
 
+def _expert_ref(name: str, base: str) -> str:
+    """An expert as a parent reference: a PEFT adapter folder is applied to the base."""
+    ref = model_ref(name)
+    if "+" not in ref and Path(ref, "adapter_config.json").is_file() \
+            and not Path(ref, "config.json").is_file():
+        return f"{base}+{ref}"
+    return ref
+
+
 def _models(value: Any, where: str) -> ModelsConfig:
+    base = model_ref(str(value.get("base"))) if isinstance(value, Mapping) else ""
+
     def experts(v: Any, w: str) -> tuple[str, ...]:
-        return tuple(model_ref(e) for e in _tuple_of_str(v, w))
+        return tuple(_expert_ref(e, base) for e in _tuple_of_str(v, w))
 
     return _build(ModelsConfig, value, where, {
         "experts": experts, "base": lambda v, w: model_ref(str(v))})

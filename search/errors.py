@@ -33,3 +33,8 @@ class NonFiniteMergeError(SoupError):
 
 class OutputExistsError(SoupError):
     """The output folder exists and ``force`` was not given."""
+
+
+class AdapterError(SoupError):
+    """A PEFT adapter parent cannot be read, is of a kind that has no weight update, or
+    does not fit the model it is applied to."""

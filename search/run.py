@@ -47,19 +47,28 @@ def instantiate(comp: ComponentConfig, where: str) -> Any:
                           f"{str(exc).splitlines()[0]}") from None
 
 
+def _built(ref: str) -> bool:
+    """Whether a demo parent (a model folder, or ``MODEL+ADAPTER``) exists on disk."""
+    model, _, adapter = ref.partition("+") if not Path(ref).exists() else (ref, "", "")
+    return Path(model, "config.json").is_file() and (
+        not adapter or Path(adapter, "adapter_config.json").is_file())
+
+
 def ensure_demo_models(cfg: SearchConfig) -> None:
     """Builds the demo family if the config asks for it and a parent is missing."""
     models = [cfg.models.base, *cfg.models.experts]
-    if not cfg.models.build_demo or all(Path(m, "config.json").is_file() for m in models):
+    if not cfg.models.build_demo or all(_built(m) for m in models):
         return
     out = Path(cfg.models.base).parent
     script = REPO / "scripts" / "make_demo_models.py"
     if not script.is_file():
         raise SoupError(f"models.build_demo needs {script} (a source checkout); build the "
                         "demo models there or point models.* at existing folders")
-    print(f"building the demo models into {out} (about 2 minutes, once)", file=sys.stderr)
-    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-table"],
-                          check=False)
+    adapters = any("+" in m and not Path(m).exists() for m in models)
+    print(f"building the demo models{' and adapters' if adapters else ''} into {out} "
+          "(about 2 minutes, once)", file=sys.stderr)
+    cmd = [sys.executable, str(script), "--out", str(out), "--no-table"]
+    done = subprocess.run(cmd + (["--adapters"] if adapters else []), check=False)
     if done.returncode != 0:
         raise SoupError(f"building the demo models failed (exit {done.returncode}); "
                         f"run python {script} to see why")

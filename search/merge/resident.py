@@ -24,7 +24,14 @@ from torch import Tensor
 from search.errors import IncompatibleModelsError, SoupError
 from search.merge import ops
 from search.merge.plan import MergePlan
-from search.merge.sources import HEAD, check_compatible, logical_tensors, open_model, read_for_merge
+from search.merge.sources import (
+    HEAD,
+    AdapterSource,
+    check_compatible,
+    logical_tensors,
+    open_model,
+    read_for_merge,
+)
 from search.merge.streaming import (
     DTYPE_BY_NAME,
     check_cast,
@@ -57,7 +64,6 @@ class ResidentParents:
         if len(set(models)) != len(models):
             raise SoupError("a parent is listed twice; list each model once")
         self.models = tuple(models)
-        self.row = {m: i for i, m in enumerate(self.models)}
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -68,9 +74,18 @@ class ResidentParents:
         self.folder = sources[0].folder
         self.dtypes = {m: {n: t[1] for n, t in logical_tensors(s).items()}
                        for m, s in zip(self.models, sources, strict=True)}
+        # Full models are stacked; an adapter parent keeps only its factors and reads
+        # the stacked row of the model it applies to (loaded hidden if not a parent).
+        dense = [s for s in sources if not isinstance(s, AdapterSource)]
+        for s in sources:
+            if isinstance(s, AdapterSource) and s.model.ref not in [d.ref for d in dense]:
+                dense.append(s.model)
+        self.row = {s.ref: i for i, s in enumerate(dense)}
+        self.adapters = {s.ref: (self.row[s.model.ref], s.adapter.to(self.device))
+                         for s in sources if isinstance(s, AdapterSource)}
         self.stacks: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():
-            stacked = torch.stack([read_for_merge(s, name, shape) for s in sources])
+            stacked = torch.stack([read_for_merge(s, name, shape) for s in dense])
             dt = DTYPE_BY_NAME[dtype] if dtype and stacked.is_floating_point() else stacked.dtype
             self.stacks[name] = stacked.to(device=self.device, dtype=dt)
         for s in sources:
@@ -78,23 +93,45 @@ class ResidentParents:
         self.cache_ranks = cache_ranks
         self._ranks: dict[tuple[str, str, str, str, str], Tensor] = {}
 
+    def tensor(self, model: str, name: str) -> Tensor:
+        """Parent ``model``'s tensor ``name`` (a view for full models; computed from the
+        factors for adapter parents)."""
+        if model in self.adapters:
+            row, adapter = self.adapters[model]
+            return adapter.apply(name, self.stacks[name][row])
+        return self.stacks[name][self.row[model]]
+
+    def gather(self, name: str, models: Sequence[str]) -> Tensor:
+        """Tensor ``name`` of ``models``, stacked (``[len(models), ...]``); a view of the
+        resident stack unless an adapter parent changes this tensor."""
+        if any(m in self.adapters and self.adapters[m][1].touches(name) for m in models):
+            return torch.stack([self.tensor(m, name) for m in models])
+        return _select(self.stacks[name], [self.row[self._stored(m)] for m in models])
+
+    def _stored(self, model: str) -> str:
+        """The stacked model holding ``model``'s unchanged tensors."""
+        if model in self.adapters:
+            row = self.adapters[model][0]
+            return next(m for m, r in self.row.items() if r == row)
+        return model
+
     def ranks(self, kind: str, models: Sequence[str], base: str, name: str,
               dtype: torch.dtype) -> list[Tensor]:
         """Orders (``ops.RANKERS[kind]``) of ``model - base`` for tensor ``name``, cached."""
         out = []
-        stack = self.stacks[name]
         for m in models:
             key = (kind, m, base, name, str(dtype))
             if key not in self._ranks:
-                delta = stack[self.row[m]].to(dtype) - stack[self.row[base]].to(dtype)
+                delta = self.tensor(m, name).to(dtype) - self.tensor(base, name).to(dtype)
                 self._ranks[key] = ops.RANKERS[kind](delta)
             out.append(self._ranks[key])
         return out
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the device."""
-        return sum(t.numel() * t.element_size() for t in self.stacks.values())
+        """Bytes held on the device (stacked tensors and adapter factors)."""
+        return (sum(t.numel() * t.element_size() for t in self.stacks.values())
+                + sum(a.nbytes for _, a in self.adapters.values()))
 
     def work_dtype(self, recipe: Recipe, models: Sequence[str], name: str) -> torch.dtype:
         """The dtype a merge of ``models`` computes ``name`` in (as ``soup merge`` does)."""
@@ -147,24 +184,22 @@ class ResidentModel:
         """
         p = self.parents
         plan = MergePlan.build(recipe)
-        unknown = [m for m in plan.models if m not in p.row]
+        unknown = [m for m in plan.models if m not in p.models]
         if unknown:
             raise SoupError(f"recipe uses model {unknown[0]!r}, which is not a resident "
                             f"parent; parents are {list(p.models)}")
         params = plan.resolve_all(list(p.shapes), p.num_layers)
-        rows = [p.row[m] for m in plan.inputs]
         with torch.no_grad():
             for name, target in self.targets.items():
-                self._merge_one(plan, name, params[name], rows, target, check_finite)
+                self._merge_one(plan, name, params[name], target, check_finite)
         return self.model
 
     def _merge_one(self, plan: MergePlan, name: str, params: dict[str, Any],
-                   rows: list[int], target: Tensor, check_finite: bool) -> None:
+                   target: Tensor, check_finite: bool) -> None:
         p = self.parents
-        stack = p.stacks[name]
         wd = p.work_dtype(plan.recipe, plan.models, name)
-        x = _select(stack, rows)
-        base = stack[p.row[plan.base]] if plan.base else None
+        x = p.gather(name, plan.inputs)
+        base = p.tensor(plan.base, name) if plan.base else None
         if x.dtype != wd:
             x = x.to(wd)
             base = None if base is None else base.to(wd)

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from search.errors import IncompatibleModelsError, ModelNotFoundError, PickleCheckpointError
+from search.errors import (
+    AdapterError,
+    IncompatibleModelsError,
+    ModelNotFoundError,
+    PickleCheckpointError,
+)
+from search.merge import adapters
 from search.merge.safetensors_io import INDEX_NAME, SafetensorsFile
 
 _PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -109,14 +115,80 @@ def _index_files(ref: str, index: Path) -> dict[str, Path]:
     return {name: files[f] for name, f in weight_map.items()}
 
 
+class AdapterSource(ModelSource):
+    """A parent written ``MODEL+ADAPTER``: ``MODEL``'s tensors with a LoRA adapter
+    merged in as each one is read (see :mod:`search.merge.adapters`).
+
+    Attributes:
+        model: the model the adapter is applied to.
+        adapter: the adapter's factors.
+    """
+
+    def __init__(self, ref: str, model: ModelSource, adapter: adapters.Adapter) -> None:
+        super().__init__(ref, model.folder, model.config, dict(model.shapes),
+                         dict(model.dtypes))
+        self.model = model
+        self.adapter = adapter
+        for name, t in adapter.replaced.items():  # e.g. an LM head saved on a tied model
+            self.shapes.setdefault(name, tuple(t.shape))
+            self.dtypes.setdefault(name, model.dtypes.get(name, t.dtype))
+
+    def read(self, name: str) -> Tensor:
+        if name in self.model.shapes:
+            return self.adapter.apply(name, self.model.read(name))
+        return self.adapter.replaced[name].clone()
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def is_adapter(ref: str) -> bool:
+    """Whether ``ref`` is a PEFT adapter folder (adapter_config.json, no config.json)."""
+    return _lookup(ref, "config.json") is None and _lookup(ref, adapters.CONFIG_NAME) is not None
+
+
+def open_adapter(ref: str, model: ModelSource, *, allow_pickle: bool = False
+                 ) -> adapters.Adapter:
+    """Reads adapter ``ref`` and checks it against ``model``, the model it modifies."""
+    config = _lookup(ref, adapters.CONFIG_NAME)
+    if config is None:
+        where = ("the folder has no " + adapters.CONFIG_NAME if Path(ref).is_dir()
+                 else "not a local folder and not in the Hugging Face cache")
+        raise ModelNotFoundError(f"adapter {ref!r} not found: {where}; give the folder that "
+                                 "PEFT's save_pretrained wrote")
+    files = adapters.AdapterFiles(ref, config, _lookup(ref, adapters.WEIGHTS_NAME),
+                                  _lookup(ref, adapters.PICKLE_NAME))
+    emb = embed_name(model)
+    alias = {HEAD: emb} if HEAD not in model.shapes and emb and model.tied_embeddings else {}
+    return adapters.load(files, model.ref, model.shapes, alias, allow_pickle)
+
+
 def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
     """Locates ``ref`` and reads its config and tensor headers (no weights).
+
+    ``MODEL+ADAPTER`` opens ``MODEL`` with the LoRA adapter applied (its factors are
+    read now; full tensors only as each is read).
 
     Raises:
         ModelNotFoundError: no local folder and nothing in the hub cache.
         PickleCheckpointError: only pickle weights and ``allow_pickle`` is false.
+        AdapterError: the adapter cannot be applied to the model.
     """
+    model_ref, adapter_ref = adapters.split_ref(ref)
+    if adapter_ref is not None:
+        if is_adapter(model_ref):
+            raise AdapterError(f"model {ref!r}: {model_ref!r} is itself an adapter; write "
+                               "BASE+ADAPTER with a full model first")
+        model = open_model(model_ref, allow_pickle=allow_pickle)
+        return AdapterSource(ref, model, open_adapter(adapter_ref, model,
+                                                      allow_pickle=allow_pickle))
     cfg_path = _lookup(ref, "config.json")
+    if cfg_path is None and _lookup(ref, adapters.CONFIG_NAME) is not None:
+        raise AdapterError(
+            f"model {ref!r} is a PEFT adapter (adapter_config.json), not a full model; "
+            f"name the model it applies to as BASE+ADAPTER, e.g. 'BASE+{ref}' (in "
+            "conf/models, adapters listed under experts are applied to models.base)"
+        )
     if cfg_path is None:
         where = ("the folder has no config.json" if Path(ref).is_dir() else
                  "not a local folder and not in the Hugging Face cache")
