@@ -122,8 +122,9 @@ def save_lora_family(folder: str | Path, *, variants: tuple[str, ...] = tuple(LO
                     p.add_(torch.randn(p.shape, generator=gen) * scale)
         peft_model.peft_config["default"].base_model_name_or_path = str(paths["base"])
         paths[name] = folder / name
-        peft_model.save_pretrained(paths[name])
+        peft_model.save_pretrained(str(paths[name]))
         paths[f"{name}_full"] = folder / f"{name}_full"
-        peft_model.merge_and_unload().save_pretrained(paths[f"{name}_full"])
+        merged: Any = peft_model.merge_and_unload()
+        merged.save_pretrained(paths[f"{name}_full"])
         byte_tokenizer().save_pretrained(paths[f"{name}_full"])
     return paths
