@@ -86,13 +86,15 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    """How candidates are scored: search tasks, held-out tasks, stages, batch size."""
+    """How candidates are scored: search tasks, held-out tasks, stages, batch size, and
+    ``quantize`` (``nf4``/``fp4``: evaluate each candidate with 4-bit linear layers)."""
 
     tasks: tuple[TaskConfig, ...]
     heldout: tuple[TaskConfig, ...] = ()
     include_path: tuple[str, ...] = ()
     batch_size: int = 64
     stages: tuple[float, ...] = (1.0,)
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,9 @@ def _check(cfg: SearchConfig) -> SearchConfig:
                           "tasks) or 'per_task' (multi-objective, Pareto front)")
     if not cfg.models.experts:
         raise ConfigError("models.experts is empty; list the fine-tuned models to merge")
+    if cfg.evaluator.quantize not in (None, "nf4", "fp4"):
+        raise ConfigError(f"evaluator.quantize={cfg.evaluator.quantize!r}: use null (full "
+                          "precision), nf4 or fp4 (4-bit evaluation with bitsandbytes)")
     if cfg.models.base in cfg.models.experts:
         raise ConfigError(f"models.base {cfg.models.base!r} is also listed in models.experts")
     if not cfg.space.methods:

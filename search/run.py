@@ -82,7 +82,7 @@ def worker_setup(cfg: SearchConfig, tasks: Any = None) -> WorkerSetup:
         dtype=m.dtype, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
         include_path=ev.include_path, batch_size=ev.batch_size,
         stages=ev.stages if tasks is None else (1.0,),
-        threads=cfg.parallel.threads_per_worker)
+        threads=cfg.parallel.threads_per_worker, quantize=ev.quantize)
 
 
 def _check_parents(cfg: SearchConfig) -> None:
@@ -96,6 +96,11 @@ def _check_parents(cfg: SearchConfig) -> None:
     finally:
         for s in sources:
             s.close()
+    if cfg.evaluator.quantize and cfg.parallel.address is None:  # workers on this machine
+        from search.merge.quant import check_backend
+        from search.merge.streaming import resolve_device
+
+        check_backend(cfg.evaluator.quantize, resolve_device(cfg.models.device))
 
 
 def _logging(run_dir: Path) -> logging.Handler:

@@ -33,7 +33,7 @@ class WorkerSetup:
         models: the base first, then the experts (paths or hub ids).
         tasks: the lm-eval tasks to score.
         device, dtype, allow_pickle, trust_remote_code: as in the models config.
-        include_path, batch_size, stages: as in the evaluator config.
+        include_path, batch_size, stages, quantize: as in the evaluator config.
         threads: torch threads.
         simulate_s: for benchmarks only: skip models and tasks and sleep this long per
             candidate, returning a score computed from the recipe's weights.
@@ -50,6 +50,7 @@ class WorkerSetup:
     stages: tuple[float, ...] = (1.0,)
     threads: int = 1
     simulate_s: float | None = None
+    quantize: str | None = None
 
 
 def _error(kind: str, exc: BaseException) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class Worker:
         s = self.setup
         self.parents = ResidentParents(list(s.models), device=s.device, dtype=s.dtype,
                                        allow_pickle=s.allow_pickle)
-        self.resident = ResidentModel(self.parents)
+        self.resident = ResidentModel(self.parents, quantize=s.quantize)
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.parents.folder, trust_remote_code=s.trust_remote_code)
         specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in s.tasks]

@@ -150,9 +150,14 @@ class ResidentModel:
     Args:
         parents: the resident parents.
         dtype: the model's dtype (default: the reference parent's).
+        quantize: ``nf4`` or ``fp4``: hold the model's linear layers in 4 bits
+            (bitsandbytes). Each candidate is still merged in full precision, tensor by
+            tensor, then quantized into the layer; embeddings, norms and the LM head stay
+            in ``dtype``. Fails with a clear error where bitsandbytes cannot run.
     """
 
-    def __init__(self, parents: ResidentParents, dtype: str | None = None) -> None:
+    def __init__(self, parents: ResidentParents, dtype: str | None = None,
+                 quantize: str | None = None) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.parents = parents
@@ -166,15 +171,22 @@ class ResidentModel:
         with torch.device(parents.device):
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         self.model.eval().requires_grad_(False)
+        self.quant = None
+        if quantize:
+            from search.merge.quant import quantize_model
+
+            self.quant = quantize_model(self.model, quantize, compute_dtype=torch_dtype)
+        quantized = self.quant.names if self.quant else frozenset()
         state = self.model.state_dict()
-        missing = [n for n in parents.shapes if n not in state]
+        missing = [n for n in parents.shapes if n not in state and n not in quantized]
         if missing:
             raise IncompatibleModelsError(
                 f"tensor {missing[0]} of the parents has no place in a "
                 f"{config.model_type} model built from their config; the checkpoint and "
                 "config disagree"
             )
-        self.targets = {n: state[n] for n in parents.shapes}
+        self.targets = {n: state[n] for n in parents.shapes if n not in quantized}
+        self.quantized = sorted(n for n in parents.shapes if n in quantized)
 
     def materialize(self, recipe: Recipe, check_finite: bool = True) -> torch.nn.Module:
         """Writes ``recipe``'s merge into the model's parameters and returns the model.
@@ -192,10 +204,13 @@ class ResidentModel:
         with torch.no_grad():
             for name, target in self.targets.items():
                 self._merge_one(plan, name, params[name], target, check_finite)
+            for name in self.quantized:
+                self._merge_one(plan, name, params[name], None, check_finite)
         return self.model
 
     def _merge_one(self, plan: MergePlan, name: str, params: dict[str, Any],
-                   target: Tensor, check_finite: bool) -> None:
+                   target: Tensor | None, check_finite: bool) -> None:
+        """Merges tensor ``name`` into ``target`` (``None``: into its 4-bit layer)."""
         p = self.parents
         wd = p.work_dtype(plan.recipe, plan.models, name)
         x = p.gather(name, plan.inputs)
@@ -208,10 +223,14 @@ class ResidentModel:
         kind = plan.method.ranks
         if kind and p.cache_ranks and plan.base and x.is_floating_point():
             ranks = p.ranks(kind, plan.inputs, plan.base, name, wd)
-        if target.dtype == wd == out_dt:
+        if target is not None and target.dtype == wd == out_dt:
             plan.run(name, params, x, base, out=target, check_finite=check_finite, ranks=ranks)
             return
         res = plan.run(name, params, x, base, check_finite=check_finite, ranks=ranks)
+        if target is None:  # a 4-bit layer: only names in self.quantized come here
+            assert self.quant is not None
+            self.quant.write(name, res.to(out_dt))
+            return
         if not res.is_floating_point():
             target.copy_(res)
             return
