@@ -1,6 +1,7 @@
 """Builds the demo model family offline: a tiny Llama base and one expert per skill.
 
     python scripts/make_demo_models.py [--out DIR] [--seed N] [--force] [--no-table]
+                                       [--adapters]
 
 Into ``--out`` (default ``.cache/demo/models``): ``base/`` (a 2-layer, 64-wide Llama
 pretrained from random init on a mixture of the skills in ``evaluators/skills.py``,
@@ -9,8 +10,12 @@ rebalanced toward the weaker skills as it learns and stopped once every skill re
 ``expert_add/``, ``expert_reverse/``, ``expert_dup/`` (the base fine-tuned on one skill,
 with replay of the mixture distilled from the base, so the other skills stay where the
 base had them and the experts' task vectors add up).
-Each folder is a ``save_pretrained`` model (safetensors) with the byte-level tokenizer
-and a ``demo_build.json`` marker; a folder whose marker matches the current settings is
+With ``--adapters``, also ``lora_add/``, ``lora_reverse/``, ``lora_dup/``: PEFT LoRA
+adapters (rank 8 on every attention and MLP projection) trained on the base the same
+way as the experts (about 50 s each), for searches over adapter parents
+(``models=demo_lora``).
+Each folder is a ``save_pretrained`` model or adapter (safetensors) with the byte-level
+tokenizer and a ``demo_build.json`` marker; a folder whose marker matches the current settings is
 kept unless ``--force``. Training runs in two spawned worker processes with one torch
 thread each, so a seed gives identical weights. Then, unless ``--no-table``, it scores
 the parents and a few merges (computed by the resident merge engine) on the val and test
@@ -42,6 +47,10 @@ DEFAULT_OUT = Path(".cache/demo/models")
 MODEL = {"hidden": 64, "layers": 2}
 EXPERTS = tuple(f"expert_{s}" for s in SKILLS)
 PARENTS = ("base", *EXPERTS)
+ADAPTERS = tuple(f"lora_{s}" for s in SKILLS)
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"]}
 TA_LAMBDA = 1.0
 TIES_DENSITY, TIES_LAMBDA = 0.5, 1.0
 
@@ -61,8 +70,16 @@ def expert_config(skill: str, seed: int) -> TrainConfig:
                        warmup=20, final_frac=0.1)
 
 
-def plan(out: Path, seed: int) -> dict[str, dict[str, Any]]:
-    """Every model's job: folder, spec (what its marker must say) and training config."""
+def adapter_config(skill: str, seed: int) -> TrainConfig:
+    """LoRA training on one skill: as for an expert, with the higher lr LoRA needs."""
+    return TrainConfig(skills=(skill,), steps=600, lr=2e-3, batch=64,
+                       seed=1000 * seed + 5 + SKILLS.index(skill), replay=0.3, distill=True,
+                       warmup=20, final_frac=0.1)
+
+
+def plan(out: Path, seed: int, adapters: bool = False) -> dict[str, dict[str, Any]]:
+    """Every model's job: folder, spec (what its marker must say) and training config;
+    with ``adapters``, the LoRA adapters' jobs too."""
     model = {"seed": seed, **MODEL}
     base_spec = {"name": "base", "model": model, "train": base_config(seed).to_dict()}
     jobs = {"base": {"folder": str(out / "base"), "spec": base_spec, "model": model,
@@ -72,6 +89,11 @@ def plan(out: Path, seed: int) -> dict[str, dict[str, Any]]:
         spec = {"name": name, "base": base_spec, "train": cfg.to_dict()}
         jobs[name] = {"folder": str(out / name), "spec": spec, "init": str(out / "base"),
                       "train": cfg}
+    for skill, name in zip(SKILLS, ADAPTERS, strict=True) if adapters else ():
+        cfg = adapter_config(skill, seed)
+        spec = {"name": name, "base": base_spec, "train": cfg.to_dict(), "lora": LORA}
+        jobs[name] = {"folder": str(out / name), "spec": spec, "init": str(out / "base"),
+                      "train": cfg, "lora": LORA}
     return jobs
 
 
@@ -89,20 +111,20 @@ def _report(name: str, stats: dict[str, Any]) -> None:
 
 def _clean_temporaries(out: Path) -> None:
     """Removes leftovers of interrupted builds (``.NAME.tmp-PID``, ``.NAME.old-PID``)."""
-    for name in PARENTS:
+    for name in (*PARENTS, *ADAPTERS):
         for stale in [*out.glob(f".{name}.tmp-*"), *out.glob(f".{name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def build(out: Path, seed: int, force: bool) -> list[str]:
+def build(out: Path, seed: int, force: bool, adapters: bool = False) -> list[str]:
     """Trains whatever is missing or stale; returns the names of the models it built."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(out)
-    jobs = plan(out, seed)
-    todo = [n for n in PARENTS if force or not is_complete(Path(jobs[n]["folder"]),
-                                                           jobs[n]["spec"])]
+    jobs = plan(out, seed, adapters)
+    todo = [n for n in jobs if force or not is_complete(Path(jobs[n]["folder"]),
+                                                        jobs[n]["spec"])]
     if "base" in todo:
-        todo = list(PARENTS)  # experts fine-tuned from an old base are stale
+        todo = list(jobs)  # experts and adapters trained on an old base are stale
     if not todo:
         print(f"== all models in {out} are complete (use --force to rebuild)")
         return []
@@ -137,9 +159,11 @@ def merge_recipes() -> dict[str, dict[str, Any]]:
 
 
 def _resolve(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The recipe with folder names replaced by paths under ``out``."""
-    data = {**recipe, "models": [{**m, "model": str(out / m["model"])}
-                                 for m in recipe["models"]]}
+    """The recipe with folder names (``base+lora_add`` too) replaced by paths under ``out``."""
+    def path(ref: str) -> str:
+        return "+".join(str(out / part) for part in ref.split("+"))
+
+    data = {**recipe, "models": [{**m, "model": path(m["model"])} for m in recipe["models"]]}
     if "base_model" in data:
         data["base_model"] = str(out / data["base_model"])
     return data
@@ -178,8 +202,25 @@ def _scorer() -> Any:
     return score
 
 
-def score_table(out: Path) -> list[dict[str, Any]]:
-    """Rows of the table: each parent from disk, each merge from the resident engine."""
+def adapter_recipes() -> dict[str, dict[str, Any]]:
+    """Rows for the adapters: each alone on the base, and their task arithmetic."""
+    def ref(name: str) -> str:
+        return f"base+{name}"
+
+    rows: dict[str, dict[str, Any]] = {
+        name: {"merge_method": "linear", "models": [{"model": ref(name),
+                                                     "parameters": {"weight": 1.0}}]}
+        for name in ADAPTERS}
+    rows["lora_task_arithmetic"] = {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": [{"model": ref(a), "parameters": {"weight": 1.0}} for a in ADAPTERS],
+        "parameters": {"lambda": TA_LAMBDA}}
+    return rows
+
+
+def score_table(out: Path, adapters: bool = False) -> list[dict[str, Any]]:
+    """Rows of the table: each parent from disk, each merge (and, with ``adapters``, each
+    adapter on the base) from the resident engine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from search.merge.resident import ResidentModel, ResidentParents
@@ -192,8 +233,11 @@ def score_table(out: Path) -> list[dict[str, Any]]:
     for name in PARENTS:
         model = AutoModelForCausalLM.from_pretrained(out / name).eval()
         rows.append({"name": name, "recipe": None, **score(model, tokenizer)})
-    resident = ResidentModel(ResidentParents([str(out / n) for n in PARENTS], device="cpu"))
-    for name, recipe in merge_recipes().items():
+    refs = [str(out / n) for n in PARENTS]
+    refs += [f"{out / 'base'}+{out / a}" for a in ADAPTERS] if adapters else []
+    resident = ResidentModel(ResidentParents(refs, device="cpu"))
+    recipes = {**merge_recipes(), **(adapter_recipes() if adapters else {})}
+    for name, recipe in recipes.items():
         model = resident.materialize(Recipe.from_dict(_resolve(recipe, out)))
         rows.append({"name": name, "recipe": recipe, **score(model, tokenizer)})
     return rows
@@ -231,12 +275,13 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                    "parents_good_at_all": [p["name"] for p in parents
                                            if min(p[sp][s] for s in SKILLS) >= 0.9],
                    "best_parent_mean": best,
-                   "merges_beating_every_parent": [r["name"] for r in rows
-                                                   if r not in parents and r[sp]["mean"] > best]}
+                   "merges_beating_every_parent": [
+                       r["name"] for r in rows if r not in parents
+                       and r["name"] not in ADAPTERS and r[sp]["mean"] > best]}
     return out
 
 
-def table(out: Path, digest: str, refresh: bool) -> None:
+def table(out: Path, digest: str, refresh: bool, adapters: bool = False) -> None:
     """Prints the table, computing it (and ``table.json``) unless a current one exists."""
     path = out / "table.json"
     try:
@@ -245,7 +290,7 @@ def table(out: Path, digest: str, refresh: bool) -> None:
         saved = None
     if saved is None or saved.get("spec") != digest:
         t0 = time.perf_counter()
-        rows = score_table(out)
+        rows = score_table(out, adapters)
         saved = {"spec": digest, "skills": list(SKILLS), "metric": "exact_match",
                  "rows": rows, "checks": checks(rows),
                  "seconds": round(time.perf_counter() - t0, 1)}
@@ -268,13 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of every model and stream")
     ap.add_argument("--force", action="store_true", help="rebuild even complete models")
     ap.add_argument("--no-table", action="store_true", help="skip the evaluation table")
+    ap.add_argument("--adapters", action="store_true",
+                    help="also train LoRA adapters lora_<skill> on the base (needs peft)")
     args = ap.parse_args(argv)
+    if args.adapters:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            ap.error("--adapters needs peft: pip install 'soupsearch[adapters]'")
     t0 = time.perf_counter()
-    jobs = plan(args.out, args.seed)
-    built = build(args.out, args.seed, args.force)
+    jobs = plan(args.out, args.seed, args.adapters)
+    built = build(args.out, args.seed, args.force, args.adapters)
     print(f"== models ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if not args.no_table:
-        table(args.out, spec_hash(jobs), refresh=bool(built) or args.force)
+        table(args.out, spec_hash(jobs), refresh=bool(built) or args.force,
+              adapters=args.adapters)
     print(f"== done in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -218,9 +218,11 @@ def greedy_exact_match(model: Any, tokenizer: Any, items: Sequence[dict],
 
 
 def is_complete(folder: Path, spec: dict[str, Any]) -> bool:
-    """Whether ``folder`` holds a finished model built from exactly ``spec``."""
+    """Whether ``folder`` holds a finished model (or PEFT adapter) built from exactly
+    ``spec``."""
     marker = folder / MARKER
-    if not (marker.is_file() and (folder / "config.json").is_file()
+    configs = ("config.json", "adapter_config.json")
+    if not (marker.is_file() and any((folder / c).is_file() for c in configs)
             and any(folder.glob("*.safetensors"))):
         return False
     try:
@@ -248,7 +250,10 @@ def build_model(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job`` holds ``folder``, ``spec`` (kept in the marker), ``train`` (a
     :class:`TrainConfig`) and either ``init`` (a folder to fine-tune) or ``model``
-    (``seed``, ``hidden``, ``layers`` of a fresh model). Returns the training stats.
+    (``seed``, ``hidden``, ``layers`` of a fresh model). With ``lora`` (keyword
+    arguments of ``peft.LoraConfig``) it trains a LoRA adapter on ``init`` instead and
+    saves the adapter alone (``adapter_model.safetensors``, ``adapter_config.json``
+    naming ``init`` as its base). Returns the training stats.
     """
     from transformers import AutoModelForCausalLM
 
@@ -258,6 +263,11 @@ def build_model(job: dict[str, Any]) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(job["init"], dtype=torch.float32)
     else:
         model = new_model(**job["model"])
+    if job.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(job["train"].seed)  # LoRA's A factors are drawn at random
+        model = get_peft_model(model, LoraConfig(**job["lora"]))
     stats = train(model, tokenizer, job["train"])
     save_atomic(model, tokenizer, Path(job["folder"]), {"spec": job["spec"], "stats": stats})
     return stats

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evaluators.skills import SKILLS, SPLITS, held_out_prompts, load_split, training_stream
-from search.demo_train import TrainConfig, new_model, train
+from search.demo_train import TrainConfig, build_model, is_complete, new_model, train
 from search.tiny import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,36 @@ def test_training_is_deterministic() -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not torch.equal(states[0]["model.embed_tokens.weight"],
                            new_model(seed=3).state_dict()["model.embed_tokens.weight"])
+
+
+def test_lora_job_saves_an_adapter_on_its_base(tmp_path: Path) -> None:
+    """A ``lora`` job trains only LoRA factors on the init model and saves a PEFT adapter
+    (no full copy) atomically; applied to its base it changes the targeted weights only."""
+    pytest.importorskip("peft")
+    from search.merge.sources import open_model
+
+    threads = torch.get_num_threads()
+    tok = byte_tokenizer()
+    new_model(seed=1, hidden=32, layers=1).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    spec = {"name": "lora_add", "rank": 4}
+    job = {"folder": str(tmp_path / "lora_add"), "spec": spec, "init": str(tmp_path / "base"),
+           "train": TrainConfig(skills=("add",), steps=3, lr=1e-2, batch=8, seed=3),
+           "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}}
+    try:
+        assert build_model(job)["steps"] == 3
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path / "lora_add"
+    assert {p.name for p in folder.iterdir()} >= {"adapter_config.json",
+                                                  "adapter_model.safetensors", "demo_build.json"}
+    assert not (folder / "config.json").exists()
+    assert not list(tmp_path.glob(".lora_add.*"))
+    assert is_complete(folder, spec) and not is_complete(folder, {**spec, "rank": 8})
+    base, merged = open_model(str(tmp_path / "base")), open_model(f"{tmp_path / 'base'}+{folder}")
+    changed = {n for n in base.shapes if not torch.equal(base.read(n), merged.read(n))}
+    assert changed == {"model.layers.0.self_attn.q_proj.weight",
+                       "model.layers.0.mlp.up_proj.weight"}
 
 
 @pytest.mark.slow

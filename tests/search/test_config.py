@@ -38,7 +38,7 @@ def _option(group: str, name: str) -> dict[str, Any]:
 
 def test_discovery_finds_the_shipped_files() -> None:
     """The globs see the experiments and options the README documents."""
-    assert {"demo", "demo_cmaes", "demo_pareto", "demo_pruned"} <= set(EXPERIMENTS)
+    assert {"demo", "demo_cmaes", "demo_pareto", "demo_pruned", "demo_lora"} <= set(EXPERIMENTS)
     assert ("sampler", "tpe") in OPTIONS and ("storage", "postgresql") in OPTIONS
     assert len(OPTIONS) >= 20
 
