@@ -3,7 +3,7 @@
 # machine, the date, what it measures and its target, and says plainly when a target is
 # missed). Run it alone on the machine: the figures are wall-clock times.
 #
-#   bash scripts/bench_all.sh                 # everything (about 40 minutes on 2 cores)
+#   bash scripts/bench_all.sh                 # everything (about 45 minutes on 2 cores)
 #   SOUP_BENCH_SKIP_MERGEKIT=1 bash scripts/bench_all.sh   # no mergekit column
 #
 # What it sets up first (all offline-capable, all reused on later runs):
@@ -55,5 +55,8 @@ $PY scripts/bench_eval.py
 
 echo "== search (scripts/bench_search.py)"
 $PY scripts/bench_search.py --doc
+
+echo "== adapter parents and 4-bit evaluation (scripts/bench_adapters.py)"
+$PY scripts/bench_adapters.py --smollm2 "$SMOL"
 
 echo "== done: docs/benchmarks.md"
