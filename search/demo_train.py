@@ -259,6 +259,7 @@ def build_model(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer()
+    model: Any
     if job.get("init"):
         model = AutoModelForCausalLM.from_pretrained(job["init"], dtype=torch.float32)
     else:

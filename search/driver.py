@@ -206,8 +206,9 @@ class Driver:
         if state.next is None:
             return  # parents still running
         h = state.next.hash()
-        queued = self.study.get_trials(deepcopy=False,
-                                       states=(TrialState.WAITING, TrialState.RUNNING))
+        # COMPLETE too: another driver may have scored this step since our last sync.
+        queued = self.study.get_trials(deepcopy=False, states=(
+            TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))
         if not any(st.ATTR_RECIPE in t.user_attrs
                    and Recipe.from_dict(t.user_attrs[st.ATTR_RECIPE]).hash() == h
                    for t in queued):
@@ -258,6 +259,8 @@ class Driver:
             self._failed(ticket, attrs[st.ATTR_ERROR])
             return True
         attrs[st.ATTR_RECIPE] = recipe.to_dict()
+        if claimed is not None and self.cfg.dedup:
+            self._refresh_scored(recipe.hash())
         dup = self.scored.get(recipe.hash()) if self.cfg.dedup else None
         near_end = used + self.ex.slots >= self.cfg.n_trials
         if dup is not None and not near_end:
@@ -276,6 +279,21 @@ class Driver:
         self.running[ticket.trial_id] = _Running(ticket, recipe, time.time())
         self.ex.submit(ticket.trial_id, recipe.to_dict())
         return True
+
+    def _refresh_scored(self, h: str) -> None:
+        """Looks ``h`` up among the stored COMPLETE trials before an enqueued trial is
+        evaluated: with several drivers, another may have scored the same recipe since
+        this one's last sync (enqueued trials are few, so the read is cheap)."""
+        if h in self.scored:
+            return
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            recipe = t.user_attrs.get(st.ATTR_RECIPE)
+            if recipe is None or t.values is None or "duplicate_of" in t.user_attrs:
+                continue
+            if Recipe.from_dict(recipe).hash() == h:
+                obj = (t.user_attrs.get(st.ATTR_SCORES) or {}).get("objective", t.values[0])
+                self.scored[h] = (t.number, list(t.values), float(obj))
+                return
 
     def _surplus(self, ticket: Ticket, claimed: FrozenTrial | None) -> bool:
         """Over budget because another driver asked at the same moment: give it back."""
