@@ -280,6 +280,22 @@ class Driver:
         self.ex.submit(ticket.trial_id, recipe.to_dict())
         return True
 
+    def _reseed_if_shared(self) -> None:
+        """Reseeds the sampler at random when another driver is live on this study or the
+        study already has trials. Drivers built from the same config share ``seed``, so
+        their samplers would otherwise propose the same candidates at the same time (both
+        evaluated: neither is finished yet when the other asks), and a resumed driver would
+        replay its first proposals. A fresh study with one driver keeps the seed, so that
+        search is reproducible. Runs after this driver's first heartbeat: of two drivers
+        starting together, at least the later one sees the other."""
+        attrs = self.study.user_attrs
+        others = [k for k in attrs if k.startswith("driver.") and k != f"driver.{self.me}"
+                  and st.driver_alive(attrs, k[len("driver."):], self.cfg.stale_after_s)]
+        if others or self.study.get_trials(deepcopy=False):
+            self.study.sampler.reseed_rng()
+            log.info("sampler reseeded: %s", "another driver is live on this study"
+                     if others else "the study already has trials")
+
     def _refresh_scored(self, h: str) -> None:
         """Looks ``h`` up among the stored COMPLETE trials before an enqueued trial is
         evaluated: with several drivers, another may have scored the same recipe since
@@ -364,6 +380,7 @@ class Driver:
     def run(self) -> Summary:
         """Runs until this study's budget is spent; returns the summary."""
         self._beat(force=True)
+        self._reseed_if_shared()
         self.summary.recovered = st.recover_stale(self.study, self.cfg.stale_after_s,
                                                   self.cfg.max_retries, self.me)
         self._seed_study()
