@@ -81,7 +81,8 @@ class ResidentParents:
             if isinstance(s, AdapterSource) and s.model.ref not in [d.ref for d in dense]:
                 dense.append(s.model)
         self.row = {s.ref: i for i, s in enumerate(dense)}
-        self.adapters = {s.ref: (self.row[s.model.ref], s.adapter.to(self.device))
+        # adapter parent -> (the stacked model it applies to, its factors)
+        self.adapters = {s.ref: (s.model.ref, s.adapter.to(self.device))
                          for s in sources if isinstance(s, AdapterSource)}
         self.stacks: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():
@@ -97,8 +98,8 @@ class ResidentParents:
         """Parent ``model``'s tensor ``name`` (a view for full models; computed from the
         factors for adapter parents)."""
         if model in self.adapters:
-            row, adapter = self.adapters[model]
-            return adapter.apply(name, self.stacks[name][row])
+            under, adapter = self.adapters[model]
+            return adapter.apply(name, self.stacks[name][self.row[under]])
         return self.stacks[name][self.row[model]]
 
     def gather(self, name: str, models: Sequence[str]) -> Tensor:
@@ -106,14 +107,8 @@ class ResidentParents:
         resident stack unless an adapter parent changes this tensor."""
         if any(m in self.adapters and self.adapters[m][1].touches(name) for m in models):
             return torch.stack([self.tensor(m, name) for m in models])
-        return _select(self.stacks[name], [self.row[self._stored(m)] for m in models])
-
-    def _stored(self, model: str) -> str:
-        """The stacked model holding ``model``'s unchanged tensors."""
-        if model in self.adapters:
-            row = self.adapters[model][0]
-            return next(m for m, r in self.row.items() if r == row)
-        return model
+        return _select(self.stacks[name], [self.row[self.adapters[m][0] if m in self.adapters
+                                                    else m] for m in models])
 
     def ranks(self, kind: str, models: Sequence[str], base: str, name: str,
               dtype: torch.dtype) -> list[Tensor]:
