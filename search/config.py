@@ -6,7 +6,7 @@ This is the only module that imports omegaconf or hydra. Everything below it tak
 Example:
     >>> cfg = compose(["experiment=demo", "n_trials=20"])   # doctest: +SKIP
     >>> cfg.n_trials, cfg.sampler.target
-    (20, 'optuna.samplers.TPESampler')
+    (20, 'search.sampling.ConditionalTPESampler')
 """
 
 from __future__ import annotations

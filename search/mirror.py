@@ -29,7 +29,17 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from search.sampling import RELATIVE_PARAMS_KEY
+
 log = logging.getLogger(__name__)
+
+
+def _mirror_only(key: str) -> bool:
+    """System attributes that matter only while the mirror trial runs: TPE's shared
+    relative parameters (constant_liar). Other drivers learn from finished trials only,
+    so storage does not need them (one row less per trial). Samplers' own state (CMA-ES
+    keeps it in trials) is stored."""
+    return RELATIVE_PARAMS_KEY is not None and key.startswith(RELATIVE_PARAMS_KEY)
 
 
 @dataclass
@@ -133,13 +143,15 @@ class Mirror:
     def _create(self, mem: Trial | None, state: TrialState, user_attrs: dict[str, Any],
                 values: Sequence[float] | None) -> int:
         frozen = self.mem._storage.get_trial(mem._trial_id) if mem is not None else None
+        system = {k: v for k, v in frozen.system_attrs.items() if not _mirror_only(k)} \
+            if frozen else {}
         now = datetime.datetime.now()
         template = FrozenTrial(
             number=-1, state=state, value=None, values=values, datetime_start=now,
             datetime_complete=now if state.is_finished() else None,
             params=dict(frozen.params) if frozen else {},
             distributions=dict(frozen.distributions) if frozen else {},
-            user_attrs=dict(user_attrs), system_attrs=dict(frozen.system_attrs) if frozen else {},
+            user_attrs=dict(user_attrs), system_attrs=system,
             intermediate_values={}, trial_id=-1)
         return int(self._storage.create_new_trial(self.study._study_id, template_trial=template))
 

@@ -48,7 +48,7 @@ def test_defaults(composed: dict[str, Any]) -> None:
     cfg = config.from_container(composed)
     assert isinstance(cfg, SearchConfig)
     assert (cfg.study_name, cfg.n_trials, cfg.seed, cfg.objective) == ("soup", 100, 0, "mean")
-    assert cfg.sampler.target == "optuna.samplers.TPESampler"
+    assert cfg.sampler.target == "search.sampling.ConditionalTPESampler"
     assert cfg.pruner.target is None
     assert cfg.parallel.kind == "ray"
     assert cfg.storage.url == f"sqlite:///{cfg.run_dir}/study.db"
@@ -66,11 +66,11 @@ def test_experiment_composes(name: str) -> None:
     assert cfg.run_dir.name == name  # run_dir interpolates study_name
     assert cfg.parallel.workers == data["parallel"]["workers"]
     expected: dict[str, tuple[Any, ...]] = {
-        "demo": ("mean", "optuna.samplers.TPESampler", None, (1.0,)),
+        "demo": ("mean", "search.sampling.ConditionalTPESampler", None, (1.0,)),
         "demo_cmaes": ("mean", "optuna.samplers.CmaEsSampler", None, (1.0,)),
         "demo_pareto": ("per_task", "optuna.samplers.NSGAIISampler", None, (1.0,)),
-        "demo_pruned": ("mean", "optuna.samplers.TPESampler", "optuna.pruners.MedianPruner",
-                        (0.25, 1.0)),
+        "demo_pruned": ("mean", "search.sampling.ConditionalTPESampler",
+                        "optuna.pruners.MedianPruner", (0.25, 1.0)),
     }
     if name in expected:
         assert (cfg.objective, cfg.sampler.target, cfg.pruner.target,

@@ -64,6 +64,8 @@ def test_search_and_resume_store_what_ran(tmp_path: Path, sampler: str, space: s
             assert t.params[name] == pytest.approx(value), (t.number, name)
     if sampler == "cmaes":  # CMA-ES keeps its state in the stored trials' system attrs
         assert any(any(k.startswith("cma:") for k in t.system_attrs) for t in sampled)
+    # TPE's constant-liar attribute is the mirror's business: not written to storage
+    assert not any(k.startswith("tpe:") for t in trials for k in t.system_attrs)
 
 
 def test_enqueued_trial_is_claimed_by_one_mirror(tmp_path: Path) -> None:

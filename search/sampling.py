@@ -1,0 +1,163 @@
+"""TPE for conditional merge spaces: one model per method, sampled only where it is used.
+
+Optuna's ``TPESampler(multivariate=True, group=True)`` splits the search space into groups
+of parameters that always occur together (here: the method choice, then each method's
+own parameters) and fits one joint Parzen model per group. It does so for every group on
+every proposal, although a trial uses only the group of the method it picks, and it
+recomputes the groups from every stored trial each time. With 11 methods and 1,000 trials
+stored that costs about 75 ms per proposal on a 2-core CPU (docs/benchmarks.md, search
+(a)), which starves workers whose candidates take a second.
+
+:class:`ConditionalTPESampler` keeps Optuna's model and changes only the bookkeeping:
+
+- the groups are updated from the trials finished since the last proposal (finished
+  trials never change), not recomputed from all of them;
+- the groups shared by every trial (the method choice) are sampled first; of the other
+  groups, only those that occurred in trials with the same categorical choices are
+  sampled. Each group is sampled from the same split of the history as before, so every
+  parameter a trial uses follows the same distribution as under the stock sampler; the
+  groups that would have been drawn and thrown away are skipped. Should a trial ask for a
+  parameter of a skipped group anyway, Optuna samples it with univariate TPE, as it does
+  for any parameter outside the relative search space.
+
+Seeded runs are reproducible (the random draws differ from the stock sampler's, which
+draws for every group). Everything else (``constant_liar``, pruned trials, multiple
+objectives, ``reseed_rng``) is the stock sampler's.
+
+Example (conf/sampler/tpe.yaml)::
+
+    _target_: search.sampling.ConditionalTPESampler
+    seed: ${seed}
+    multivariate: true
+    group: true
+    constant_liar: true
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.search_space.group_decomposed import _SearchSpaceGroup
+from optuna.trial import FrozenTrial, TrialState
+
+RELATIVE_PARAMS_KEY: str | None = None
+_SYSTEM_ATTR_MAX_LENGTH = 2045
+try:  # Optuna >= 4.2 shares the relative parameters of running trials (constant_liar)
+    from optuna.samplers._tpe import sampler as _stock
+
+    RELATIVE_PARAMS_KEY = _stock._RELATIVE_PARAMS_KEY
+    _SYSTEM_ATTR_MAX_LENGTH = _stock._SYSTEM_ATTR_MAX_LENGTH
+except AttributeError:  # pragma: no cover - older Optuna reads them from the trial itself
+    pass
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class ConditionalTPESampler(optuna.samplers.TPESampler):
+    """``optuna.samplers.TPESampler`` that samples only the parameter groups a trial uses.
+
+    Takes the same arguments as ``TPESampler``. Without ``multivariate=True, group=True``
+    it is the stock sampler.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reset(None)
+
+    def _reset(self, storage: Any) -> None:
+        self._for_storage = storage
+        self._seen: set[int] = set()  # trial ids already folded into the groups
+        self._groups = _SearchSpaceGroup()
+        self._n_with_params = 0  # finished trials that have parameters
+        self._param_count: dict[str, int] = {}  # finished trials holding each parameter
+        self._cooccur: dict[tuple[str, str], set[str]] = {}  # (categorical, choice) -> names
+
+    def _grouped(self, study: optuna.Study) -> bool:
+        if not self._group:
+            return False
+        check = getattr(self, "_is_multivariate", None)  # Optuna >= 4.2 (multivariate=None)
+        return bool(check(study) if check is not None else self._multivariate)
+
+    def _update(self, study: optuna.Study) -> None:
+        """Folds the trials finished since the last call into the groups and counts."""
+        storage = study._storage
+        if storage is not self._for_storage:
+            self._reset(storage)  # a new study (an in-memory one reuses study id 0)
+        for t in study._get_trials(deepcopy=False, states=_FINISHED, use_cache=True):
+            if t._trial_id in self._seen:
+                continue
+            self._seen.add(t._trial_id)
+            if not t.distributions:
+                continue
+            self._groups.add_distributions(t.distributions)
+            self._n_with_params += 1
+            names = set(t.distributions)
+            for name in names:
+                self._param_count[name] = self._param_count.get(name, 0) + 1
+            for name, dist in t.distributions.items():
+                if isinstance(dist, CategoricalDistribution):
+                    self._cooccur.setdefault((name, _choice_key(t.params[name])), set()) \
+                        .update(names)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        if not self._grouped(study):
+            return super().infer_relative_search_space(study, trial)
+        self._update(study)
+        self._search_space_group = copy.deepcopy(self._groups)
+        search_space: dict[str, BaseDistribution] = {}
+        for sub_space in self._search_space_group.search_spaces:
+            for name, dist in sorted(sub_space.items()):  # sorted: hashing is random
+                if not dist.single():
+                    search_space[name] = dist
+        return search_space
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if not self._grouped(study) or not search_space:
+            return super().sample_relative(study, trial, search_space)
+        assert self._search_space_group is not None
+        groups = []
+        for sub_space in self._search_space_group.search_spaces:
+            g = {name: dist for name, dist in sorted(sub_space.items())
+                 if not dist.single() and name in search_space}
+            if g:
+                groups.append(g)
+        shared = [g for g in groups
+                  if all(self._param_count.get(n, 0) == self._n_with_params for n in g)]
+        rest = [g for g in groups if not any(g is s for s in shared)]
+
+        params: dict[str, Any] = {}
+        for g in shared:
+            params.update(self._sample_relative(study, trial, g))
+        choices = [(n, v) for n, v in params.items()
+                   if isinstance(search_space[n], CategoricalDistribution)]
+        if choices:
+            used = None
+            for name, value in choices:
+                names = self._cooccur.get((name, _choice_key(value)), set())
+                used = names if used is None else used & names
+            rest = [g for g in rest if used and not used.isdisjoint(g)]
+        for g in rest:
+            params.update(self._sample_relative(study, trial, g))
+
+        if params and self._constant_liar and RELATIVE_PARAMS_KEY is not None:
+            # As the stock sampler: running trials' relative parameters for constant_liar.
+            text = json.dumps(params)
+            for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
+                study._storage.set_trial_system_attr(
+                    trial._trial_id, f"{RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
+                    text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
+        return params
+
+
+def _choice_key(value: Any) -> str:
+    """A hashable, type-exact key for a categorical choice (None, bool, int, str, float)."""
+    return f"{type(value).__name__}:{value!r}"
