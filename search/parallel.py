@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ class RayExecutor:
                 local_cpus = max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker))
                 ray.init(num_cpus=local_cpus, _temp_dir=_ray_temp_dir(run_dir), **kwargs)
         resources = ray.cluster_resources()
+        self.where = f"the Ray cluster at {cfg.address}" if cfg.address else "local Ray"
         gpus = cfg.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
@@ -145,7 +147,15 @@ class RayExecutor:
         if n == 0:
             n = int(resources.get("GPU", 0) // gpus) if gpus else \
                 int(resources.get("CPU", 1) // cfg.cpus_per_worker)
+            if n == 0:  # one worker per GPU, and not one fits: it would wait forever
+                have = ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+                raise SoupError(
+                    f"parallel.workers=0 sizes the pool from {self.where}, which has {have}: "
+                    f"no worker fits (each needs {cfg.cpus_per_worker:g} CPU, {gpus:g} GPU); "
+                    "set parallel.gpus_per_worker=null (GPUs only if the cluster has them) "
+                    "or lower parallel.cpus_per_worker, or add nodes")
         self.size = max(1, n)
+        self.need = (cfg.cpus_per_worker, gpus)
         self._actor_cls = ray.remote(Worker).options(
             num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         self.setup = setup
@@ -168,10 +178,26 @@ class RayExecutor:
         actor = self._actor_cls.remote(self.setup)
         self.starting[actor.ready.remote()] = actor  # type: ignore[union-attr]
 
-    def _await_start(self) -> None:
-        """Waits for the first workers; a set-up error is the user's, so it is raised."""
+    def _await_start(self, report_every: float = 30.0) -> None:
+        """Waits for the first workers; a set-up error is the user's, so it is raised.
+
+        Workers Ray cannot place yet (the cluster lacks the resources; an autoscaler may
+        add them) are waited for, with a line every ``report_every`` seconds saying so.
+        """
+        t0 = time.monotonic()
         while self.starting:
-            self._collect_ready(list(self.starting), raise_errors=True)
+            done, _ = self.ray.wait(list(self.starting), num_returns=len(self.starting),
+                                    timeout=report_every)
+            if done:
+                self._collect_ready(done, raise_errors=True)
+                continue
+            free = self.ray.available_resources()
+            print(f"waiting {time.monotonic() - t0:.0f} s for {self.where} to place "
+                  f"{len(self.starting)} of {self.size} workers (each needs "
+                  f"{self.need[0]:g} CPU, {self.need[1]:g} GPU; free now: "
+                  f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU); lower "
+                  "parallel.workers or add nodes if this does not resolve", file=sys.stderr,
+                  flush=True)
 
     def _collect_ready(self, refs: list[Any], raise_errors: bool) -> None:
         for ref in refs:

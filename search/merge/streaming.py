@@ -93,8 +93,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SoupError(f"device {device!r} requested but CUDA is not available; "
-                        "use --device cpu or auto")
+        raise SoupError(f"device {device!r} requested but CUDA is not available here; use "
+                        "cpu or auto (soup search: models.device=auto; soup merge and "
+                        "export: --device auto)")
     try:
         return torch.device(device)
     except RuntimeError:

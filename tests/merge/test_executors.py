@@ -174,3 +174,17 @@ def test_cuda_streaming_equals_resident(method: str, family: dict[str, Path],
     for name, t in on_disk.items():
         if not REGISTRY[method].random:  # RNG streams differ across devices
             torch.testing.assert_close(t, cpu[name], rtol=1e-5, atol=1e-6)
+
+
+def test_device_names_resolve_or_fail_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto falls back to the CPU without CUDA; asking for CUDA then says how to fix it,
+    for both the search's config key and the merge/export flag."""
+    from search.errors import SoupError
+    from search.merge.streaming import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SoupError, match=r"'cuda:1' requested but CUDA is not available.*"
+                                        r"models\.device=auto.*--device auto"):
+        resolve_device("cuda:1")
