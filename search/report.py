@@ -241,13 +241,31 @@ def render_html(report: Report) -> str:
     return "\n".join(parts)
 
 
+def _earlier_report(folder: Path) -> bool:
+    """True if ``folder`` holds only what :func:`write_report` writes (its index.html and
+    PNG figures): re-running ``soup report`` then replaces it without ``--force``."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    index = folder / "index.html"
+    try:
+        head = index.read_text(encoding="utf-8", errors="replace")[:400]
+    except OSError:
+        return False
+    if "<title>soup report: " not in head:
+        return False
+    return all(p.is_file() and not p.is_symlink() and (p.name == "index.html" or
+               (p.suffix == ".png" and p.stem.replace("_", "").isalnum()))
+               for p in folder.iterdir())
+
+
 def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
                  top: int = 10, force: bool = False) -> Path:
     """Writes ``index.html`` and the figures' PNG files into ``out_dir``, atomically.
 
     Args:
         study: the study to report on (only read).
-        out_dir: the report folder; it must not exist unless ``force``.
+        out_dir: the report folder; it must not exist unless ``force`` or it holds an
+            earlier report (index.html and figures only), which is replaced.
         storage_url: the study's storage (shown with its password redacted).
         top: leaderboard rows and parallel-coordinate lines (0 = all).
         force: replace an existing report folder.
@@ -261,8 +279,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
     """
     out = Path(out_dir)
     if out.exists() and not force:
-        raise OutputExistsError(f"report folder {str(out)!r} exists; pass --force to replace "
-                                "it, or --out DIR to write elsewhere")
+        if not _earlier_report(out):
+            raise OutputExistsError(f"report folder {str(out)!r} exists and holds more than "
+                                    "a report; pass --force to replace it, or --out DIR to "
+                                    "write elsewhere")
+        force = True  # an earlier report of this tool, nothing else: brought up to date
     report = build_report(study, storage_url, top)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -134,6 +134,14 @@ def test_report_only_reads_the_study(run: Path, tmp_path: Path) -> None:
 def test_existing_report_is_kept_without_force_and_replaced_with_it(
         run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = run / "report"
+    # an earlier report alone is brought up to date by running the command again
+    assert main(["report", str(run), "--top", "2"]) == 0
+    assert len(_page(folder).rows) == 1 + 2
+    stamp = (folder / "index.html").stat().st_mtime_ns
+    assert main(["report", str(run), "--top", "4"]) == 0
+    assert len(_page(folder).rows) == 1 + 4
+    assert (folder / "index.html").stat().st_mtime_ns != stamp
+    # anything else in the folder: kept unless --force
     (folder / "mine.txt").write_text("keep me")
     capsys.readouterr()
     assert main(["report", str(run)]) == 2
