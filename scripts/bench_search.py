@@ -76,7 +76,12 @@ MAX_BASELINE_TRIALS = 7  # base, 3 parents, uniform soup, at most 2 greedy steps
 SIM_ALL = ["space=all", "space.methods=[linear,task_arithmetic,ties,dare_ties,dare_linear,"
            "breadcrumbs_ties,della,slerp]"]
 SPACES = {"all": SIM_ALL, "ties": ["space=ties"]}
-A_CONFIGS = [("TPE", "tpe", "all"), ("CMA-ES", "cmaes", "ties")]
+# (label, sampler option, space option, extra overrides). The stock row is Optuna's own
+# TPESampler with the same settings as sampler=tpe, for reference (same machine, same run).
+A_CONFIGS = [("TPE", "tpe", "all", ()),
+             ("TPE, Optuna's stock class", "tpe", "all",
+              ("sampler._target_=optuna.samplers.TPESampler",)),
+             ("CMA-ES", "cmaes", "ties", ())]
 C_CONFIGS = [("TPE", "tpe", "ties"), ("CMA-ES", "cmaes", "ties"),
              ("random", "random", "ties"), ("TPE", "tpe", "all")]
 
@@ -270,11 +275,11 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
     print(f"\n(a) driver overhead: {args.stored} trials stored, {args.timed} timed",
           flush=True)
     skipped = False
-    for label, sampler, space_name in A_CONFIGS:
+    for i, (label, sampler, space_name, extra) in enumerate(A_CONFIGS):
         if not have(sampler):
             skipped = True
             continue
-        base = [*FAKE_MODELS, "models.build_demo=false", f"sampler={sampler}",
+        base = [*FAKE_MODELS, "models.build_demo=false", f"sampler={sampler}", *extra,
                 *SPACES[space_name], "parallel=serial", "baselines=false",
                 f"n_trials={args.stored + args.timed}"]
         cfg0 = config(tmp / "a-prefill", *base)
@@ -283,7 +288,7 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
         trials = prefill(cfg0, space, args.stored)
         t_gen = time.perf_counter() - t0
         for storage in ("sqlite", "journal"):
-            run_dir = tmp / f"a-{sampler}-{storage}"
+            run_dir = tmp / f"a-{i}-{sampler}-{storage}"
             cfg = config(run_dir, *base, f"storage={storage}")
             study = open_search_study(cfg, space)
             t0 = time.perf_counter()
@@ -326,9 +331,10 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
                          f"{statistics.median(stor) * 1e3:.1f} ms",
                          f"{statistics.median(other) * 1e3:.1f} ms",
                          f"{startup:.2f} s", f"{t_gen:.1f} s + {t_fill:.1f} s"])
-            verdicts.append(f"- {label} / {storage}: median {med:.1f} ms per trial "
-                            f"(target at most {TARGET_A_MS:.0f} ms): "
-                            f"{'met' if med <= TARGET_A_MS else 'NOT MET'}")
+            if not extra:  # the stock row is a reference, not a soupsearch setting
+                verdicts.append(f"- {label} / {storage}: median {med:.1f} ms per trial "
+                                f"(target at most {TARGET_A_MS:.0f} ms): "
+                                f"{'met' if med <= TARGET_A_MS else 'NOT MET'}")
             print(f"  {label:6s} {storage:7s} median {med:6.1f} ms  p90 "
                   f"{pct(per, 90) * 1e3:6.1f} ms  sampler {statistics.median(samp) * 1e3:.1f} "
                   f"storage {statistics.median(stor) * 1e3:.1f}  ({calls_out[-1]})", flush=True)
@@ -342,7 +348,9 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
         f"stored, over the next {args.timed} trials (median and 90th percentile of "
         f"{args.timed - 1} intervals between consecutive results, minus the worker's time). "
         "Serial executor, simulated worker (no models, ~0 s per candidate), one objective, "
-        "no pruner, no baselines. TPE searches every method (space=all, the default) but "
+        "no pruner, no baselines. sampler=tpe is search.sampling.ConditionalTPESampler; the "
+        "stock row runs Optuna's TPESampler with the same arguments, for reference. "
+        "TPE searches every method (space=all, the default) but "
         "model_stock (no parameters: the simulated score rates it perfect, so TPE would "
         "re-propose it every other trial, answered from the dedup table); "
         "CMA-ES cannot sample categorical choices, so it searches TIES only (space=ties). "

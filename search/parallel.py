@@ -156,6 +156,12 @@ class RayExecutor:
                     "or lower parallel.cpus_per_worker, or add nodes")
         self.size = max(1, n)
         self.need = (cfg.cpus_per_worker, gpus)
+        if not cfg.address and gpus and self.size * gpus > resources.get("GPU", 0):
+            # a local instance gains no nodes: the rest would wait forever
+            raise SoupError(
+                f"parallel.workers={self.size} x parallel.gpus_per_worker={gpus:g} needs "
+                f"{self.size * gpus:g} GPUs; this machine has {resources.get('GPU', 0):g}: "
+                "lower parallel.workers (0 = one per GPU) or parallel.gpus_per_worker")
         self._actor_cls = ray.remote(Worker).options(
             num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         self.setup = setup

@@ -241,21 +241,20 @@ def render_html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def _earlier_report(folder: Path) -> bool:
-    """True if ``folder`` holds only what :func:`write_report` writes (its index.html and
-    PNG figures): re-running ``soup report`` then replaces it without ``--force``."""
+def _earlier_report(folder: Path, study_name: str) -> bool:
+    """True if ``folder`` holds only what :func:`write_report` wrote for study
+    ``study_name`` (its index.html and figures): ``soup report`` then brings it up to date
+    without ``--force``. Any other file, or another study's report, needs ``--force``."""
     if not folder.is_dir() or folder.is_symlink():
         return False
-    index = folder / "index.html"
     try:
-        head = index.read_text(encoding="utf-8", errors="replace")[:400]
+        head = (folder / "index.html").read_text(encoding="utf-8", errors="replace")[:600]
     except OSError:
         return False
-    if "<title>soup report: " not in head:
-        return False
-    return all(p.is_file() and not p.is_symlink() and (p.name == "index.html" or
-               (p.suffix == ".png" and p.stem.replace("_", "").isalnum()))
-               for p in folder.iterdir())
+    title = f"<title>soup report: {html.escape(study_name)}</title>"
+    ours = {"index.html", *(f"{name}.png" for name in TITLES)}
+    return title in head and all(p.is_file() and not p.is_symlink() and p.name in ours
+                                 for p in folder.iterdir())
 
 
 def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
@@ -278,12 +277,14 @@ def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
         ... # doctest: +SKIP
     """
     out = Path(out_dir)
+    replace = force
     if out.exists() and not force:
-        if not _earlier_report(out):
-            raise OutputExistsError(f"report folder {str(out)!r} exists and holds more than "
-                                    "a report; pass --force to replace it, or --out DIR to "
-                                    "write elsewhere")
-        force = True  # an earlier report of this tool, nothing else: brought up to date
+        if not _earlier_report(out, study.study_name):
+            raise OutputExistsError(f"report folder {str(out)!r} exists and is not an "
+                                    f"earlier report of study {study.study_name!r} alone; "
+                                    "pass --force to replace it, or --out DIR to write "
+                                    "elsewhere")
+        replace = True  # this study's earlier report, nothing else: brought up to date
     report = build_report(study, storage_url, top)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -292,7 +293,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
         for fig in report.figures:
             (tmp / f"{fig.name}.png").write_bytes(fig.png)
         (tmp / "index.html").write_text(render_html(report), encoding="utf-8")
-        replace_folder(tmp, out, force, "report folder")
+        if replace and not force and out.exists() and \
+                not _earlier_report(out, study.study_name):  # changed while we worked
+            raise OutputExistsError(f"report folder {str(out)!r} changed while the report "
+                                    "was written; pass --force to replace it")
+        replace_folder(tmp, out, replace, "report folder")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

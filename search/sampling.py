@@ -14,11 +14,17 @@ stored that costs about 75 ms per proposal on a 2-core CPU (docs/benchmarks.md, 
   trials never change), not recomputed from all of them;
 - the groups shared by every trial (the method choice) are sampled first; of the other
   groups, only those that occurred in trials with the same categorical choices are
-  sampled. Each group is sampled from the same split of the history as before, so every
-  parameter a trial uses follows the same distribution as under the stock sampler; the
-  groups that would have been drawn and thrown away are skipped. Should a trial ask for a
-  parameter of a skipped group anyway, Optuna samples it with univariate TPE, as it does
-  for any parameter outside the relative search space.
+  sampled (all of them for a choice no finished trial made yet). Each group is fitted on
+  the same split of the finished trials as before; the groups that would have been drawn
+  and thrown away are skipped. Should a trial ask for a parameter of a skipped group
+  anyway, Optuna samples it with univariate TPE, as it does for any parameter outside the
+  relative search space.
+
+One difference from the stock sampler is intended: with ``constant_liar`` a running trial
+counts as a poor result (TPE's "above" set) for the groups it was given values for. The
+stock sampler gives every running trial values for every method, so a trial running
+method A also weighs against the regions of method B's parameters it happened to draw and
+never used; here a running trial weighs only on the values it is actually evaluating.
 
 Seeded runs are reproducible (the random draws differ from the stock sampler's, which
 draws for every group). Everything else (``constant_liar``, pruned trials, multiple
@@ -68,8 +74,8 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         super().__init__(*args, **kwargs)
         self._reset(None)
 
-    def _reset(self, storage: Any) -> None:
-        self._for_storage = storage
+    def _reset(self, study_key: tuple[Any, int] | None) -> None:
+        self._for_study = study_key
         self._seen: set[int] = set()  # trial ids already folded into the groups
         self._groups = _SearchSpaceGroup()
         self._n_with_params = 0  # finished trials that have parameters
@@ -84,9 +90,10 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
 
     def _update(self, study: optuna.Study) -> None:
         """Folds the trials finished since the last call into the groups and counts."""
-        storage = study._storage
-        if storage is not self._for_storage:
-            self._reset(storage)  # a new study (an in-memory one reuses study id 0)
+        key = (study._storage, study._study_id)
+        if self._for_study is None or key[0] is not self._for_study[0] or \
+                key[1] != self._for_study[1]:
+            self._reset(key)  # another study (in-memory studies all have id 0)
         for t in study._get_trials(deepcopy=False, states=_FINISHED, use_cache=True):
             if t._trial_id in self._seen:
                 continue
@@ -137,14 +144,15 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         params: dict[str, Any] = {}
         for g in shared:
             params.update(self._sample_relative(study, trial, g))
-        choices = [(n, v) for n, v in params.items()
+        # the choices the trial will make: an enqueued trial's fixed values win
+        fixed = trial.system_attrs.get("fixed_params") or {}
+        made = {**params, **{k: v for k, v in fixed.items() if k in params}}
+        choices = [(n, v) for n, v in made.items()
                    if isinstance(search_space[n], CategoricalDistribution)]
-        if choices:
-            used = None
-            for name, value in choices:
-                names = self._cooccur.get((name, _choice_key(value)), set())
-                used = names if used is None else used & names
-            rest = [g for g in rest if used and not used.isdisjoint(g)]
+        seen = [self._cooccur.get((n, _choice_key(v))) for n, v in choices]
+        if choices and all(names is not None for names in seen):
+            used: set[str] = set().union(*(names for names in seen if names is not None))
+            rest = [g for g in rest if not used.isdisjoint(g)]
         for g in rest:
             params.update(self._sample_relative(study, trial, g))
 

@@ -30,6 +30,9 @@ def test_one_worker_per_gpu_without_gpus_is_refused(local_ray: Any, tmp_path: Pa
     with pytest.raises(SoupError, match=r"which has 2 CPU, 0 GPU: no worker fits .*"
                                         r"parallel\.gpus_per_worker=null"):
         RayExecutor(None, cfg, tmp_path)  # type: ignore[arg-type]
+    two = ParallelConfig(kind="ray", workers=2, cpus_per_worker=1.0, gpus_per_worker=1.0)
+    with pytest.raises(SoupError, match=r"needs 2 GPUs; this machine has 0"):
+        RayExecutor(None, two, tmp_path)  # type: ignore[arg-type]
     cpus = ParallelConfig(kind="ray", workers=0, cpus_per_worker=4.0, gpus_per_worker=None)
     with pytest.raises(SoupError, match=r"each needs 4 CPU, 0 GPU"):
         RayExecutor(None, cpus, tmp_path)  # type: ignore[arg-type]

@@ -141,6 +141,16 @@ def test_existing_report_is_kept_without_force_and_replaced_with_it(
     assert main(["report", str(run), "--top", "4"]) == 0
     assert len(_page(folder).rows) == 1 + 4
     assert (folder / "index.html").stat().st_mtime_ns != stamp
+    # a picture of the user's own, or another study's report: kept unless --force
+    (folder / "my_plot.png").write_bytes(b"png")
+    assert main(["report", str(run)]) == 2
+    assert (folder / "my_plot.png").read_bytes() == b"png"
+    (folder / "my_plot.png").unlink()
+    index = (folder / "index.html").read_text(encoding="utf-8")
+    (folder / "index.html").write_text(index.replace("soup report: small", "soup report: x"),
+                                       encoding="utf-8")
+    assert main(["report", str(run)]) == 2
+    assert "soup report: x" in (folder / "index.html").read_text(encoding="utf-8")
     # anything else in the folder: kept unless --force
     (folder / "mine.txt").write_text("keep me")
     capsys.readouterr()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from typing import Any
@@ -153,19 +154,46 @@ def test_a_new_study_starts_from_scratch() -> None:
 
 
 def test_constant_liar_shares_running_trials_relative_params() -> None:
-    """As the stock sampler: a running trial's relative parameters are readable by the
-    next proposal (so parallel workers are not sent the same point)."""
+    """As the stock sampler: a running trial's relative parameters are stored on it, so
+    the next proposal counts it (parallel workers are not sent the same point)."""
     space = _space("linear", "ties")
     sampler = _tpe(constant_liar=True)
     study = optuna.create_study(sampler=sampler)
     _fill(study, space, 30)
     running = study.ask()
     space.suggest(running)
-    frozen = study._storage.get_trial(running._trial_id)
-    assert sampler._get_params(frozen, study) == running.params
-    nxt = study.ask()
-    space.suggest(nxt)
-    assert nxt.params != running.params
+    attrs = study._storage.get_trial(running._trial_id).system_attrs
+    stored = json.loads(attrs["tpe:relative_params:0"])
+    assert stored == running.relative_params
+    assert set(stored) == set(running.params)  # the method and its own parameters only
+
+
+def test_enqueued_choice_and_unseen_choice_get_their_groups() -> None:
+    """An enqueued trial that fixes the method gets that method's parameters sampled
+    jointly; a method no finished trial used yet gets every group (none is skipped)."""
+    space = _space("linear", "ties", "slerp")
+    sampler = _tpe()
+    study = optuna.create_study(sampler=sampler)
+    rnd = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):  # a history with linear and ties trials only
+        t = rnd.ask()
+        rec = space.suggest(t)
+        if rec.merge_method == "slerp":
+            rnd.tell(t, state=TrialState.FAIL)
+        else:
+            rnd.tell(t, 0.5)
+    study.add_trials([t for t in rnd.get_trials() if t.state == TrialState.COMPLETE])
+    study.enqueue_trial({METHOD_KEY: "ties"})
+    t = study.ask()
+    space.suggest(t)
+    assert t.params[METHOD_KEY] == "ties"
+    assert {k for k in t.params if k != METHOD_KEY} <= set(t.relative_params)
+    study.tell(t, 0.5)
+    study.enqueue_trial({METHOD_KEY: "slerp"})
+    t = study.ask()
+    space.suggest(t)
+    assert t.params[METHOD_KEY] == "slerp"
+    assert any(k.startswith("ties.") for k in t.relative_params)  # all groups drawn
 
 
 def test_without_group_it_is_the_stock_sampler() -> None:
