@@ -41,7 +41,6 @@ Example (conf/sampler/tpe.yaml)::
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -90,10 +89,9 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
 
     def _update(self, study: optuna.Study) -> None:
         """Folds the trials finished since the last call into the groups and counts."""
-        key = (study._storage, study._study_id)
-        if self._for_study is None or key[0] is not self._for_study[0] or \
-                key[1] != self._for_study[1]:
-            self._reset(key)  # another study (in-memory studies all have id 0)
+        if self._for_study is None or self._for_study[0] is not study._storage or \
+                self._for_study[1] != study._study_id:
+            self._reset((study._storage, study._study_id))  # in-memory studies share id 0
         for t in study._get_trials(deepcopy=False, states=_FINISHED, use_cache=True):
             if t._trial_id in self._seen:
                 continue
@@ -116,7 +114,8 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         if not self._grouped(study):
             return super().infer_relative_search_space(study, trial)
         self._update(study)
-        self._search_space_group = copy.deepcopy(self._groups)
+        # read only by sample_relative below; _update replaces, never edits, the groups
+        self._search_space_group = self._groups
         search_space: dict[str, BaseDistribution] = {}
         for sub_space in self._search_space_group.search_spaces:
             for name, dist in sorted(sub_space.items()):  # sorted: hashing is random
@@ -137,9 +136,11 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
                  if not dist.single() and name in search_space}
             if g:
                 groups.append(g)
-        shared = [g for g in groups
-                  if all(self._param_count.get(n, 0) == self._n_with_params for n in g)]
-        rest = [g for g in groups if not any(g is s for s in shared)]
+        shared: list[dict[str, BaseDistribution]] = []
+        rest: list[dict[str, BaseDistribution]] = []
+        for g in groups:
+            every = all(self._param_count.get(n, 0) == self._n_with_params for n in g)
+            (shared if every else rest).append(g)
 
         params: dict[str, Any] = {}
         for g in shared:
@@ -149,9 +150,9 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         made = {**params, **{k: v for k, v in fixed.items() if k in params}}
         choices = [(n, v) for n, v in made.items()
                    if isinstance(search_space[n], CategoricalDistribution)]
-        seen = [self._cooccur.get((n, _choice_key(v))) for n, v in choices]
-        if choices and all(names is not None for names in seen):
-            used: set[str] = set().union(*(names for names in seen if names is not None))
+        seen = [self._cooccur.get((n, _choice_key(v)), None) for n, v in choices]
+        if choices and None not in seen:
+            used = set().union(*(names for names in seen if names))
             rest = [g for g in rest if not used.isdisjoint(g)]
         for g in rest:
             params.update(self._sample_relative(study, trial, g))
