@@ -666,9 +666,12 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "vocabulary, existing output folders, non-finite results. The message names the "
      "model and tensor; merge only models fine-tuned from the same base.", ("search/merge/",)),
     ("Storage and studies",
-     "Opening the Optuna storage (`storage.url`) and the study in it. Check the URL, that "
-     "the database driver is installed, and that `study_name` is the study you mean.",
-     ("search/study.py",)),
+     "Opening the Optuna storage (`storage.url`) and the study in it, and writing trials "
+     "to it (a process beside the driver applies its writes; a write that fails stops "
+     "the search with the storage's message, password redacted). Check the URL, that "
+     "the database driver is installed and the database reachable, and that "
+     "`study_name` is the study you mean.",
+     ("search/study.py", "search/writer.py")),
     ("Running a search: workers, baselines, seeds",
      "Starting workers and enqueuing the first trials. A worker that fails to set up "
      "(missing model, bad task) stops the search with its reason; a single bad candidate "

@@ -31,6 +31,7 @@ from search.mirror import Mirror, Ticket
 from search.progress import Progress
 from search.recipe import Recipe, RecipeError
 from search.space import Space
+from search.writer import open_writer
 
 log = logging.getLogger(__name__)
 SYNC_S = 1.0  # re-read the study at most this often while results arrive
@@ -105,7 +106,7 @@ class Driver:
 
     def _sync(self) -> dict[str, int]:
         """Re-reads the trials: budget counts, dedup table, best so far."""
-        self.mirror.flush()
+        self.mirror.sync()
         trials = self.study.get_trials(deepcopy=False)
         for t in trials:
             if t.number in self._seen or not t.state.is_finished():
@@ -276,8 +277,8 @@ class Driver:
                                {"duplicate_of": self._number(dup[0])})
             self.summary.reused += 1
             return True
-        self.running[ticket.trial_id] = _Running(ticket, recipe, time.time())
-        self.ex.submit(ticket.trial_id, recipe.to_dict())
+        self.running[ticket.key] = _Running(ticket, recipe, time.time())
+        self.ex.submit(ticket.key, recipe.to_dict())
         return True
 
     def _reseed_if_shared(self) -> None:
@@ -313,7 +314,7 @@ class Driver:
 
     def _surplus(self, ticket: Ticket, claimed: FrozenTrial | None) -> bool:
         """Over budget because another driver asked at the same moment: give it back."""
-        self.mirror.flush()
+        self.mirror.sync()
         trials = self.study.get_trials(deepcopy=False)
         c = st.counts(trials)
         number = self.mirror.number(ticket)
@@ -344,7 +345,7 @@ class Driver:
         ticket = run.ticket
         if died or result is None:
             self.summary.died += 1
-            frozen = self.study._storage.get_trial(ticket.trial_id)
+            frozen = self.study._storage.get_trial(self.mirror.trial_id(ticket))
             st.fail_and_requeue(self.study, frozen, reason, self.cfg.max_retries)
             self.mirror.forget(ticket)
             self._waiting = True
@@ -379,44 +380,48 @@ class Driver:
 
     def run(self) -> Summary:
         """Runs until this study's budget is spent; returns the summary."""
+        self.mirror.writer = open_writer(self.cfg.storage.url, self.study._storage)
+        try:
+            self._loop()
+            self.summary.counts = self._sync()
+        finally:
+            self.progress.close()
+            self.mirror.close()  # what is left reaches storage, also after an error
+        return self.summary
+
+    def _loop(self) -> None:
         self._beat(force=True)
         self._reseed_if_shared()
         self.summary.recovered = st.recover_stale(self.study, self.cfg.stale_after_s,
                                                   self.cfg.max_retries, self.me)
         self._seed_study()
         self._sync()
-        try:
-            while True:
-                self._advance_baselines()
-                while len(self.running) < self.ex.slots and self._ask():
-                    pass
-                self.mirror.flush()  # the results that freed those workers
-                if not self.running:
-                    c = self._sync()
-                    if c["done"] >= self.cfg.n_trials:
-                        break
-                    if c["running"] == 0 and c["waiting"] == 0 and not self._may_sample():
-                        self._advance_baselines()
-                        if not self._may_sample() and self._leader():
-                            log.warning("greedy soup cannot proceed; sampling without it")
-                            self._baselines_done = True
-                        time.sleep(0.2)
-                        self._beat()
-                        continue
-                    time.sleep(0.5)  # other drivers are finishing the last trials
+        while True:
+            self._advance_baselines()
+            while len(self.running) < self.ex.slots and self._ask():
+                pass
+            self.mirror.flush()  # the results that freed those workers
+            if not self.running:
+                c = self._sync()
+                if c["done"] >= self.cfg.n_trials:
+                    break
+                if c["running"] == 0 and c["waiting"] == 0 and not self._may_sample():
+                    self._advance_baselines()
+                    if not self._may_sample() and self._leader():
+                        log.warning("greedy soup cannot proceed; sampling without it")
+                        self._baselines_done = True
+                    time.sleep(0.2)
                     self._beat()
                     continue
-                outcomes = self.ex.poll(timeout=1.0)
-                for o in outcomes:
-                    self._handle(o.key, o.result, o.died, o.reason)
-                if outcomes and time.time() - self._last_sync > SYNC_S:
-                    self._sync()  # this driver's own results are already counted
+                time.sleep(0.5)  # other drivers are finishing the last trials
                 self._beat()
-        finally:
-            self.progress.close()
-            self.mirror.flush()
-        self.summary.counts = self._sync()
-        return self.summary
+                continue
+            outcomes = self.ex.poll(timeout=1.0)
+            for o in outcomes:
+                self._handle(o.key, o.result, o.died, o.reason)
+            if outcomes and time.time() - self._last_sync > SYNC_S:
+                self._sync()  # this driver's own results are already counted
+            self._beat()
 
 
 def _scores(result: dict[str, Any], values: list[float]) -> dict[str, Any]:

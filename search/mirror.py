@@ -5,11 +5,13 @@ the study several times per proposal; each suggested parameter is one more write
 16 trials in flight on SQLite that cost about 120 ms per proposal, which starved the
 workers. The driver therefore runs the sampler on an in-memory copy of the study and
 writes each trial to storage in one call (parameters, distributions, owner and recipe
-together), then its scores and final state. Storage stays the single source of truth:
-the mirror is rebuilt from it at start and takes in the other drivers' finished trials
-at every sync, so a driver that dies loses nothing that storage had. Enqueued trials
-(baselines, seeds, retries) are still claimed from storage, atomically, so two drivers
-never run the same one.
+together), then its scores and final state. Those writes go through a writer
+(search/writer.py): on SQLite and PostgreSQL a process beside the driver applies them in
+order, so a trial's storage id is known only once it is needed (:meth:`Mirror.trial_id`).
+Storage stays the single source of truth: the mirror is rebuilt from it at start and
+takes in the other drivers' finished trials at every sync, so a driver that dies loses
+nothing that storage had. Enqueued trials (baselines, seeds, retries) are still claimed
+from storage, atomically, so two drivers never run the same one.
 
 Example:
     >>> mirror = Mirror(study)                                   # doctest: +SKIP
@@ -30,6 +32,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search.sampling import RELATIVE_PARAMS_KEY
+from search.writer import InlineWriter, ProcessWriter
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,15 @@ def _mirror_only(key: str) -> bool:
 
 @dataclass
 class Ticket:
-    """A trial in flight: its storage id and number, and its mirror trial.
+    """A trial in flight: the driver's key for it, its storage id and number, and its
+    mirror trial.
 
     ``mem`` is None for an enqueued recipe the search space cannot express: the sampler
     does not learn from it (its values would belong to parameters it never had).
     """
 
-    trial_id: int
+    key: int  # unique within this driver; the executor's key too
+    trial_id: int | None  # resolved on demand: see Mirror.trial_id
     number: int | None  # resolved on demand (one storage read): see Mirror.number
     mem: Trial | None
     user_attrs: dict[str, Any]
@@ -59,8 +64,11 @@ class Ticket:
 class Mirror:
     """An in-memory study that proposes trials for a stored study and learns its outcomes."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study,
+                 writer: InlineWriter | ProcessWriter | None = None) -> None:
         self.study = study
+        self.writer = writer if writer is not None else InlineWriter(study._storage)
+        self._keys = 0
         self.mem = optuna.create_study(directions=study.directions, sampler=study.sampler,
                                        pruner=optuna.pruners.NopPruner())
         self._mine: set[int] = set()  # storage trial ids whose outcome reaches mem by tell
@@ -114,8 +122,7 @@ class Mirror:
         """Stores a RUNNING trial for ``mem`` (one write), or completes a claimed one."""
         if claimed is not None:
             return self._adopt(mem, user_attrs, claimed)
-        tid = self._create(mem, TrialState.RUNNING, user_attrs, None)
-        return self._ticket(tid, mem, user_attrs)
+        return self._create(mem, TrialState.RUNNING, user_attrs, None)
 
     def settle(self, mem: Trial | None, user_attrs: dict[str, Any],
                claimed: FrozenTrial | None, state: TrialState,
@@ -125,23 +132,29 @@ class Mirror:
             ticket = self._adopt(mem, user_attrs, claimed)
             self.finish(ticket, state, values, {})
             return ticket
-        tid = self._create(mem, state, user_attrs, values)
-        ticket = self._ticket(tid, mem, user_attrs)
+        ticket = self._create(mem, state, user_attrs, values)
         self._tell_mem(ticket, state, values)
         return ticket
 
-    def _ticket(self, tid: int, mem: Trial | None, attrs: dict[str, Any]) -> Ticket:
-        self._mine.add(tid)
-        return Ticket(tid, None, mem, attrs)
+    def trial_id(self, ticket: Ticket) -> int:
+        """The trial's storage id (waits for the writer to create it, when it has not)."""
+        if ticket.trial_id is None:
+            ticket.trial_id = self.writer.trial_id(ticket.key)
+            self._mine.add(ticket.trial_id)
+        return ticket.trial_id
 
     def number(self, ticket: Ticket) -> int:
         """The trial's number in storage (read once, when first needed)."""
         if ticket.number is None:
-            ticket.number = int(self._storage.get_trial_number_from_id(ticket.trial_id))
+            ticket.number = int(self._storage.get_trial_number_from_id(self.trial_id(ticket)))
         return ticket.number
 
+    def _key(self) -> int:
+        self._keys += 1
+        return self._keys
+
     def _create(self, mem: Trial | None, state: TrialState, user_attrs: dict[str, Any],
-                values: Sequence[float] | None) -> int:
+                values: Sequence[float] | None) -> Ticket:
         frozen = self.mem._storage.get_trial(mem._trial_id) if mem is not None else None
         system = {k: v for k, v in frozen.system_attrs.items() if not _mirror_only(k)} \
             if frozen else {}
@@ -153,7 +166,9 @@ class Mirror:
             distributions=dict(frozen.distributions) if frozen else {},
             user_attrs=dict(user_attrs), system_attrs=system,
             intermediate_values={}, trial_id=-1)
-        return int(self._storage.create_new_trial(self.study._study_id, template_trial=template))
+        key = self._key()
+        self.writer.create(key, self.study._study_id, template)
+        return Ticket(key, None, None, mem, user_attrs)
 
     def _adopt(self, mem: Trial | None, user_attrs: dict[str, Any],
                claimed: FrozenTrial) -> Ticket:
@@ -167,14 +182,14 @@ class Mirror:
             if claimed.user_attrs.get(key) != value:
                 self._storage.set_trial_user_attr(tid, key, value)
         self._mine.add(tid)
-        return Ticket(tid, claimed.number, mem, {**claimed.user_attrs, **user_attrs})
+        return Ticket(self._key(), tid, claimed.number, mem, {**claimed.user_attrs, **user_attrs})
 
     # -- outcomes --------------------------------------------------------------------
 
     def report(self, ticket: Ticket, value: float, step: int, ask: bool = True) -> bool:
         """Reports a stage's value to storage (and the mirror); with ``ask``, True if the
         study's pruner stops the trial there."""
-        trial = Trial(self.study, ticket.trial_id)
+        trial = Trial(self.study, self.trial_id(ticket))
         trial.report(value, step)
         if ticket.mem is not None:
             ticket.mem.report(value, step)
@@ -185,8 +200,9 @@ class Mirror:
         """Tells the mirror the outcome and stores it (attributes first, then the state).
 
         With ``defer`` the storage writes wait for :meth:`flush`, so the driver can hand
-        the freed worker its next trial first. Until then the trial reads as RUNNING;
-        if the driver dies in between, resume re-runs it (nothing is corrupted).
+        the freed worker its next trial first. Until then (and until the writer has
+        applied them) the trial reads as RUNNING; if the driver dies in between, resume
+        re-runs it (nothing is corrupted).
         """
         self._tell_mem(ticket, state, values)
         vals = list(values) if values is not None else None
@@ -196,15 +212,23 @@ class Mirror:
         self._write(ticket, state, vals, user_attrs)
 
     def flush(self) -> None:
-        """Stores the deferred outcomes, oldest first."""
+        """Hands the deferred outcomes to the writer, oldest first."""
         while self._pending:
             self._write(*self._pending.pop(0))
 
+    def sync(self) -> None:
+        """Flushes and waits until storage holds every write of this mirror."""
+        self.flush()
+        self._mine.update(self.writer.sync())
+
+    def close(self) -> None:
+        """Applies what is left and stops the writer."""
+        self.flush()
+        self.writer.close()
+
     def _write(self, ticket: Ticket, state: TrialState, values: list[float] | None,
                user_attrs: dict[str, Any]) -> None:
-        for key, value in user_attrs.items():
-            self._storage.set_trial_user_attr(ticket.trial_id, key, value)
-        self._storage.set_trial_state_values(ticket.trial_id, state, values)
+        self.writer.finish(ticket.key, ticket.trial_id, user_attrs, state, values)
 
     def forget(self, ticket: Ticket) -> None:
         """Ends the mirror trial of a ticket settled elsewhere (a dead worker's trial)."""
