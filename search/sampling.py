@@ -16,7 +16,9 @@ stored that costs about 75 ms per proposal on a 2-core CPU (docs/benchmarks.md, 
   groups, only those that occurred in trials with the same categorical choices are
   sampled (all of them for a choice no finished trial made yet). Each group is fitted on
   the same split of the finished trials as before; the groups that would have been drawn
-  and thrown away are skipped. Should a trial ask for a parameter of a skipped group
+  and thrown away are skipped;
+- that split (good and poor trials, which does not depend on the group) is computed once
+  per proposal, not once per group. Should a trial ask for a parameter of a skipped group
   anyway, Optuna samples it with univariate TPE, as it does for any parameter outside the
   relative search space.
 
@@ -46,18 +48,19 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers._tpe import sampler as _stock
 from optuna.search_space.group_decomposed import _SearchSpaceGroup
 from optuna.trial import FrozenTrial, TrialState
 
 RELATIVE_PARAMS_KEY: str | None = None
 _SYSTEM_ATTR_MAX_LENGTH = 2045
-try:  # Optuna >= 4.2 shares the relative parameters of running trials (constant_liar)
-    from optuna.samplers._tpe import sampler as _stock
 
+try:  # Optuna >= 4.2 shares the relative parameters of running trials (constant_liar)
     RELATIVE_PARAMS_KEY = _stock._RELATIVE_PARAMS_KEY
     _SYSTEM_ATTR_MAX_LENGTH = _stock._SYSTEM_ATTR_MAX_LENGTH
 except AttributeError:  # pragma: no cover - older Optuna reads them from the trial itself
     pass
+_split_trials = getattr(_stock, "_split_trials", None)  # None: every group splits anew
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -72,6 +75,8 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reset(None)
+        # (trial id, split or None until the first group needs it) during sample_relative
+        self._split_memo: tuple[int, Any] | None = None
 
     def _reset(self, study_key: tuple[Any, int] | None) -> None:
         self._for_study = study_key
@@ -142,6 +147,24 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
             every = all(self._param_count.get(n, 0) == self._n_with_params for n in g)
             (shared if every else rest).append(g)
 
+        self._split_memo = (trial._trial_id, None)
+        try:
+            params = self._sample_groups(study, trial, search_space, shared, rest)
+        finally:
+            self._split_memo = None
+        if params and self._constant_liar and RELATIVE_PARAMS_KEY is not None:
+            # As the stock sampler: running trials' relative parameters for constant_liar.
+            text = json.dumps(params)
+            for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
+                study._storage.set_trial_system_attr(
+                    trial._trial_id, f"{RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
+                    text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
+        return params
+
+    def _sample_groups(self, study: optuna.Study, trial: FrozenTrial,
+                       search_space: dict[str, BaseDistribution],
+                       shared: list[dict[str, BaseDistribution]],
+                       rest: list[dict[str, BaseDistribution]]) -> dict[str, Any]:
         params: dict[str, Any] = {}
         for g in shared:
             params.update(self._sample_relative(study, trial, g))
@@ -156,15 +179,41 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
             rest = [g for g in rest if not used.isdisjoint(g)]
         for g in rest:
             params.update(self._sample_relative(study, trial, g))
-
-        if params and self._constant_liar and RELATIVE_PARAMS_KEY is not None:
-            # As the stock sampler: running trials' relative parameters for constant_liar.
-            text = json.dumps(params)
-            for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
-                study._storage.set_trial_system_attr(
-                    trial._trial_id, f"{RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
-                    text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
         return params
+
+    def _sample(self, study: optuna.Study, trial: FrozenTrial,
+                search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """Optuna's TPE step for one group, on the split shared by this proposal's groups."""
+        memo = self._split_memo
+        if memo is None or memo[0] != trial._trial_id or _split_trials is None:
+            return super()._sample(study, trial, search_space)
+        if memo[1] is None:
+            self._split_memo = memo = (memo[0], self._split(study, trial))
+        below, above = memo[1]
+        mpe_below = self._build_parzen_estimator(study, search_space, below, handle_below=True)
+        mpe_above = self._build_parzen_estimator(study, search_space, above,
+                                                 handle_below=False)
+        samples = mpe_below.sample(self._rng.rng, self._n_ei_candidates)
+        best = self._compare(samples, self._compute_acquisition_func(samples, mpe_below,
+                                                                     mpe_above))
+        return {name: dist.to_external_repr(best[name]) for name, dist in search_space.items()}
+
+    def _split(self, study: optuna.Study,
+               trial: FrozenTrial) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+        """The good (below) and poor (above) trials, as the stock sampler splits them:
+        running trials count as poor with ``constant_liar`` (except this one)."""
+        states = [TrialState.COMPLETE, TrialState.PRUNED]
+        if self._constant_liar:
+            states.append(TrialState.RUNNING)
+        trials = study._get_trials(deepcopy=False, states=tuple(states),
+                                   use_cache=not self._constant_liar)
+        if self._constant_liar:
+            trials = [t for t in trials if t.number != trial.number]
+        if self._gamma is None:
+            self._gamma = _stock.default_gamma if len(study.directions) <= 1 \
+                else _stock.default_gamma_multiobjective
+        n = sum(t.state != TrialState.RUNNING for t in trials)
+        return _split_trials(study, trials, self._gamma(n))  # type: ignore[misc]
 
 
 def _choice_key(value: Any) -> str:
