@@ -85,6 +85,7 @@ class Driver:
                                  multi=cfg.multi_objective)
         self._last_beat = 0.0
         self._last_sync = 0.0
+        self._arrived = False  # results arrived since the last pass: sync if due
         self._last_recover = time.time()
         self._baselines_done = not cfg.baselines
         self._seen: set[int] = set()
@@ -104,10 +105,20 @@ class Driver:
         entry = self.scored.get(recipe_hash)
         return None if entry is None else self._number(entry[0])
 
-    def _sync(self) -> dict[str, int]:
-        """Re-reads the trials: budget counts, dedup table, best so far."""
-        self.mirror.sync()
+    def _sync(self, wait: bool = True) -> dict[str, int]:
+        """Re-reads the trials: budget counts, dedup table, best so far.
+
+        With ``wait`` it first waits for the writer to store this driver's writes, so
+        the counts are exact. Without, the trials the writer may not have created yet
+        count as asked (counted before the read: a trial both read and counted makes
+        the driver ask one fewer for a moment, never one too many)."""
+        unwritten = 0
+        if wait:
+            self.mirror.sync()
+        else:
+            unwritten = self.mirror.unwritten()
         trials = self.study.get_trials(deepcopy=False)
+        self.mirror.learn_ids()  # before take_in: a trial finished in storage has its id
         for t in trials:
             if t.number in self._seen or not t.state.is_finished():
                 continue
@@ -129,7 +140,7 @@ class Driver:
         self._waiting = self._waiting or c["waiting"] > 0
         self.progress.update(c, self._best())
         self._last_sync = time.time()
-        self._counts, self._asked = c, 0
+        self._counts, self._asked = c, unwritten
         return c
 
     def _best(self) -> float | None:
@@ -396,11 +407,15 @@ class Driver:
                                                   self.cfg.max_retries, self.me)
         self._seed_study()
         self._sync()
+        self.mirror.sync(force=True)  # the writer has started (it did, meanwhile)
         while True:
             self._advance_baselines()
             while len(self.running) < self.ex.slots and self._ask():
                 pass
             self.mirror.flush()  # the results that freed those workers
+            if self._arrived and time.time() - self._last_sync > SYNC_S:
+                self._sync(wait=False)  # after the refill, not waiting for the writer
+            self._arrived = False
             if not self.running:
                 c = self._sync()
                 if c["done"] >= self.cfg.n_trials:
@@ -419,8 +434,9 @@ class Driver:
             outcomes = self.ex.poll(timeout=1.0)
             for o in outcomes:
                 self._handle(o.key, o.result, o.died, o.reason)
-            if outcomes and time.time() - self._last_sync > SYNC_S:
-                self._sync()  # this driver's own results are already counted
+            # re-read the study once the freed workers have their next trials (the budget
+            # is safe meanwhile: this driver's own results are already counted)
+            self._arrived = bool(outcomes)
             self._beat()
 
 

@@ -216,10 +216,20 @@ class Mirror:
         while self._pending:
             self._write(*self._pending.pop(0))
 
-    def sync(self) -> None:
-        """Flushes and waits until storage holds every write of this mirror."""
+    def sync(self, force: bool = False) -> None:
+        """Flushes and waits until storage holds every write of this mirror (``force``:
+        also until a writer that is still starting is ready)."""
         self.flush()
-        self._mine.update(self.writer.sync())
+        self._mine.update(self.writer.sync(force))
+
+    def unwritten(self) -> int:
+        """Flushes; the trials this mirror created that may not be in storage yet."""
+        self.flush()
+        return self.writer.unwritten()
+
+    def learn_ids(self) -> None:
+        """Takes in the storage ids the writer has reported so far, without waiting."""
+        self._mine.update(self.writer.ids())
 
     def close(self) -> None:
         """Applies what is left and stops the writer."""

@@ -16,11 +16,13 @@ stored that costs about 75 ms per proposal on a 2-core CPU (docs/benchmarks.md, 
   groups, only those that occurred in trials with the same categorical choices are
   sampled (all of them for a choice no finished trial made yet). Each group is fitted on
   the same split of the finished trials as before; the groups that would have been drawn
-  and thrown away are skipped;
+  and thrown away are skipped. Should a trial ask for a parameter of a skipped group
+  anyway, Optuna samples it with univariate TPE, as it does for any parameter outside
+  the relative search space;
 - that split (good and poor trials, which does not depend on the group) is computed once
-  per proposal, not once per group. Should a trial ask for a parameter of a skipped group
-  anyway, Optuna samples it with univariate TPE, as it does for any parameter outside the
-  relative search space.
+  per proposal, not once per group;
+- a finished trial's parameters in the model's internal form are computed once and kept
+  (finished trials never change), not on every proposal.
 
 One difference from the stock sampler is intended: with ``constant_liar`` a running trial
 counts as a poor result (TPE's "above" set) for the groups it was given values for. The
@@ -46,6 +48,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers._tpe import sampler as _stock
@@ -85,6 +88,8 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         self._n_with_params = 0  # finished trials that have parameters
         self._param_count: dict[str, int] = {}  # finished trials holding each parameter
         self._cooccur: dict[tuple[str, str], set[str]] = {}  # (categorical, choice) -> names
+        # group's names -> finished trial id -> its values in internal form
+        self._internal: dict[tuple[str, ...], dict[int, tuple[float, ...]]] = {}
 
     def _grouped(self, study: optuna.Study) -> bool:
         if not self._group:
@@ -197,6 +202,34 @@ class ConditionalTPESampler(optuna.samplers.TPESampler):
         best = self._compare(samples, self._compute_acquisition_func(samples, mpe_below,
                                                                      mpe_above))
         return {name: dist.to_external_repr(best[name]) for name, dist in search_space.items()}
+
+    def _get_internal_repr(self, trials: list[FrozenTrial],
+                           search_space: dict[str, BaseDistribution],
+                           study: optuna.Study) -> dict[str, np.ndarray]:
+        """The stock method's columns (the values of the trials that have every parameter
+        of ``search_space``), with each finished trial's row computed once per group."""
+        if self._for_study != (study._storage, study._study_id):  # not the cached study
+            return super()._get_internal_repr(trials, search_space, study)
+        names = tuple(search_space)
+        keys = search_space.keys()
+        cache = self._internal.setdefault(names, {})  # trial id -> row, () if it lacks one
+        rows = []
+        for t in trials:
+            if t.state.is_finished():
+                row = cache.get(t._trial_id)
+                if row is None:
+                    params = t.params
+                    row = cache[t._trial_id] = tuple(
+                        search_space[n].to_internal_repr(params[n]) for n in names) \
+                        if keys <= params.keys() else ()
+            else:  # running: its shared relative parameters count (constant_liar)
+                params = self._get_params(t, study)
+                row = tuple(search_space[n].to_internal_repr(params[n]) for n in names) \
+                    if keys <= params.keys() else ()
+            if row:
+                rows.append(row)
+        columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+        return {n: np.asarray(col) for n, col in zip(names, columns, strict=True)}
 
     def _split(self, study: optuna.Study,
                trial: FrozenTrial) -> tuple[list[FrozenTrial], list[FrozenTrial]]:

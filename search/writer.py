@@ -9,12 +9,14 @@ writes into a child process that opens the same storage URL and applies them in 
 order they were sent, so the driver only pickles a message. :class:`InlineWriter`
 applies them at once, in the caller's process (a study without a URL, tests).
 
-Nothing is lost or reordered: messages go through a pipe (a send returns once the bytes
-are in the kernel's buffer), the child applies each in turn, and it drains everything it
-received before it exits, also when the driver was killed (the pipe reads end-of-file
-once the driver is gone). The driver waits for the child (:meth:`ProcessWriter.sync`)
-before it reads the study, so its counts include its own trials. A write that fails
-stops the search with the storage's message (password redacted).
+Nothing is lost or reordered: messages go through a socket pair (a send returns once the
+bytes are in the kernel's buffer), the child applies each in turn, and it drains
+everything it received before it exits, also when the driver was killed (the socket
+reads end-of-file once the driver is gone). The driver waits for the child
+(:meth:`ProcessWriter.sync`) only where it needs exact counts (no trial of its own
+running, the end of the search) or a trial's storage id; its periodic re-reads count
+the trials the child may not have created yet as asked (:meth:`ProcessWriter.unwritten`).
+A write that fails stops the search with the storage's message (password redacted).
 
 Example:
     >>> w = InlineWriter(study._storage)                         # doctest: +SKIP
@@ -26,11 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
@@ -65,40 +71,73 @@ class InlineWriter:
     def trial_id(self, key: int) -> int:
         return self._ids[key]
 
-    def sync(self) -> list[int]:
+    def unwritten(self) -> int:
+        """Trials sent for creation and not yet in storage: none (written at once)."""
+        return 0
+
+    def sync(self, force: bool = False) -> list[int]:
         """Storage ids created since the last call (every write is already applied)."""
         new, self._new = self._new, []
         return new
+
+    ids = sync
 
     def close(self) -> None:
         pass
 
 
 class ProcessWriter:
-    """Applies the writes in a child process, in the order they were sent."""
+    """Applies the writes in a child process, in the order they were sent.
+
+    The child is a fresh interpreter (``python -m search.writer FD``) joined to the driver
+    by a socket pair: it imports nothing of the caller's script, so a script that runs a
+    search needs no ``if __name__ == "__main__"`` guard, and nothing is forked from a
+    driver that runs Ray threads. The URL (it may hold a password) is the first message,
+    never a command-line argument. The child imports Optuna (about a second) while the
+    driver starts; messages sent meanwhile wait in the socket.
+    """
 
     def __init__(self, url: str) -> None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])  # children fork with Optuna imported
         self._url = url
-        self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_serve, args=(child, url), daemon=True,
-                                 name="soup-storage-writer")
-        self._proc.start()
-        child.close()
+        mine, theirs = socket.socketpair()
+        package = str(Path(__file__).resolve().parents[1])  # the folder holding search/
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [package, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "search.writer", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            raise StorageError(f"the storage writer process cannot start: {exc}") from None
+        finally:
+            theirs.close()
+        self._conn = Connection(mine.detach())
         self._ids: dict[int, int] = {}
         self._new: list[int] = []
+        self._unacked: set[int] = set()  # creations sent whose id has not come back
+        self._sent = 0  # writes sent since the last sync
         self._asked = 0  # sync requests sent
         self._answered = 0  # sync requests answered
         self.stats: dict[str, list[float]] = {}
+        self._send(("open", url))
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
 
     def create(self, key: int, study_id: int, template: FrozenTrial) -> None:
         self._send(("create", key, study_id, template))
+        self._sent += 1
+        self._unacked.add(key)
 
     def finish(self, key: int, trial_id: int | None, user_attrs: dict[str, Any],
                state: TrialState, values: Sequence[float] | None) -> None:
         vals = list(values) if values is not None else None
         self._send(("finish", key, trial_id, user_attrs, state, vals))
+        self._sent += 1
 
     def trial_id(self, key: int) -> int:
         """The storage id of trial ``key`` (waits until the child has created it)."""
@@ -106,9 +145,25 @@ class ProcessWriter:
             self._receive(block=True)
         return self._ids[key]
 
-    def sync(self) -> list[int]:
+    def unwritten(self) -> int:
+        """Trials sent for creation whose id has not come back yet (an upper bound on
+        those not yet in storage: the child replies right after each creation)."""
+        self._receive(block=False)
+        return len(self._unacked)
+
+    def ids(self) -> list[int]:
+        """The ids of the trials created since the last call, without waiting."""
+        self._receive(block=False)
+        new, self._new = self._new, []
+        return new
+
+    def sync(self, force: bool = False) -> list[int]:
         """Waits until every write sent so far is applied; returns the ids created since
-        the last call."""
+        the last call. Without writes since the last call it returns at once, unless
+        ``force`` (then it also waits for a child that is still starting)."""
+        if not self._sent and not force:
+            return self.ids()
+        self._sent = 0
         self._asked += 1
         self._send(("sync", self._asked))
         while self._answered < self._asked:
@@ -118,16 +173,18 @@ class ProcessWriter:
 
     def close(self) -> None:
         """Applies what is left and stops the child."""
-        if not self._proc.is_alive():
+        if not self.alive():
+            self._conn.close()
             return
         try:
             self.sync()
             self._conn.send(("close",))
         finally:
-            self._proc.join(timeout=30)
-            self._conn.close()
-            if self._proc.is_alive():  # pragma: no cover - a storage that hangs
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a storage that hangs
                 self._proc.terminate()
+            self._conn.close()
 
     # -- the pipe ----------------------------------------------------------------------
 
@@ -145,7 +202,7 @@ class ProcessWriter:
             except OSError:
                 self._gone()
             if not ready:
-                if block and not self._proc.is_alive():
+                if block and not self.alive():
                     self._gone()
                 if block:
                     continue
@@ -163,6 +220,7 @@ class ProcessWriter:
         if kind == "id":
             self._ids[reply[1]] = reply[2]
             self._new.append(reply[2])
+            self._unacked.discard(reply[1])
         elif kind == "synced":
             self._answered = max(self._answered, reply[1])
             self.stats = reply[2]
@@ -176,8 +234,9 @@ class ProcessWriter:
         with contextlib.suppress(EOFError, OSError):
             while self._conn.poll(0):
                 self._take(self._conn.recv())
-        self._proc.join(timeout=1)
-        url, code = redact(self._url), self._proc.exitcode
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=1)
+        url, code = redact(self._url), self._proc.returncode
         raise StorageError(f"the storage writer process for {url} exited (exit code {code}); "
                            "the trials it had not written are re-run on `soup resume`")
 
@@ -192,13 +251,18 @@ def open_writer(url: str | None, storage: Any) -> InlineWriter | ProcessWriter:
 
 # -- the child ---------------------------------------------------------------------------
 
-def _serve(conn: Connection, url: str) -> None:
-    """The writer's loop: applies each message in order until ``close`` or end-of-file.
+def _serve(conn: Connection) -> None:
+    """The writer's loop: opens the storage named by the first message, then applies each
+    message in order until ``close`` or end-of-file.
 
     Ctrl-C reaches the whole process group; the child ignores it so that the driver's
     last writes (sent while it shuts down) are still applied.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _, url = conn.recv()
+    except (EOFError, OSError):
+        return
     try:
         storage = open_storage(url)
     except StorageError as exc:
@@ -228,14 +292,18 @@ def _serve(conn: Connection, url: str) -> None:
                         values, stats)
         except Exception as exc:  # reported to the driver, which stops
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            text = f"writing a trial failed: {type(exc).__name__}: {first}"
-            log.warning("%s", redact(text))
-            _reply(conn, ("error", redact(text)))
+            text = redact(f"writing a trial failed: {type(exc).__name__}: {first}")
+            if not _reply(conn, ("error", text)):
+                log.warning("%s (the driver is gone)", text)
 
 
-def _reply(conn: Connection, msg: tuple[Any, ...]) -> None:
-    with contextlib.suppress(OSError):  # the driver is gone: keep applying what it sent
+def _reply(conn: Connection, msg: tuple[Any, ...]) -> bool:
+    """Sends ``msg``; False if the driver is gone (the child keeps applying what it sent)."""
+    try:
         conn.send(msg)
+    except OSError:
+        return False
+    return True
 
 
 def _create(storage: Any, study_id: int, template: FrozenTrial,
@@ -265,3 +333,7 @@ def _count(stats: dict[str, list[float]], op: str, t0: float) -> None:
     entry = stats.setdefault(op, [0, 0.0])
     entry[0] += 1
     entry[1] += time.perf_counter() - t0
+
+
+if __name__ == "__main__":  # the child: python -m search.writer FD
+    _serve(Connection(int(sys.argv[1])))

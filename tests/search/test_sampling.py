@@ -103,6 +103,29 @@ def test_single_method_matches_stock_tpe_exactly() -> None:
     assert len({tuple(sorted(p.items())) for p in ours}) == 12
 
 
+def test_single_method_with_running_trials_matches_stock_tpe_exactly() -> None:
+    """The same with constant_liar and three trials always in flight (their shared relative
+    parameters count as poor results): identical proposals, every one different."""
+
+    def run(cls: type) -> list[dict[str, Any]]:
+        study = optuna.create_study(sampler=_tpe(cls, constant_liar=True))
+        space = _space("ties")
+        _fill(study, space, 40)
+        pending, out = [], []
+        for i in range(15):
+            t = study.ask()
+            space.suggest(t)
+            out.append(dict(t.params))
+            pending.append(t)
+            if len(pending) == 3:
+                study.tell(pending.pop(0), (i * 0.37) % 1.0)
+        return out
+
+    ours = run(ConditionalTPESampler)
+    assert ours == run(optuna.samplers.TPESampler)
+    assert len({tuple(sorted(p.items())) for p in ours}) == 15
+
+
 def test_seeded_runs_repeat_and_seeds_differ() -> None:
     space = _space("linear", "ties", "slerp")
     a = _run(_tpe(seed=5), space, 10)

@@ -46,7 +46,7 @@ def test_writes_are_applied_in_order_and_ids_come_back(tmp_path: Path, scheme: s
         for key in range(1, 6):  # outcome of each right after its creation was sent
             writer.finish(key, None, {"scores": {"objective": key}}, TrialState.COMPLETE,
                           [float(key)])
-        os.kill(writer._proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches it too
+        os.kill(writer.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches it too
         created = writer.sync()
         assert len(created) == 5
         trials = study.get_trials(deepcopy=False)
@@ -62,7 +62,7 @@ def test_writes_are_applied_in_order_and_ids_come_back(tmp_path: Path, scheme: s
         assert study.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
     finally:
         writer.close()
-    assert not writer._proc.is_alive()
+    assert not writer.alive()
 
 
 def test_writes_sent_before_the_driver_is_killed_still_land(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_writes_sent_before_the_driver_is_killed_still_land(tmp_path: Path) -> N
             for key in range(1, 41):
                 w.create(key, study._study_id, _template(0.5, {{"k": key}}))
                 w.finish(key, None, {{}}, TrialState.COMPLETE, [float(key)])
-            print(w._proc.pid, flush=True)
+            print(w.pid, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     """)
     path = tmp_path / "driver.py"
@@ -128,11 +128,14 @@ def test_a_dead_writer_and_an_unreachable_database_are_one_line_without_password
     url = f"sqlite:///{tmp_path}/s.db"
     open_study(url, "w", ["maximize"])
     writer = ProcessWriter(url)
-    os.kill(writer._proc.pid, signal.SIGKILL)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer._proc.wait(10)
     with pytest.raises(StorageError, match=r"writer process .* exited \(exit code -9\)"):
+        writer.create(1, 0, _template(0.5, {}))
         writer.sync()
     secret = ProcessWriter("postgresql+psycopg2://soup:hunter2@127.0.0.1:9/soup")
     with pytest.raises(StorageError) as err:
+        secret.create(1, 0, _template(0.5, {}))
         secret.sync()
     assert "hunter2" not in str(err.value) and "soup:***@" in str(err.value)
     assert "\n" not in str(err.value)
