@@ -300,9 +300,7 @@ class Driver:
         replay its first proposals. A fresh study with one driver keeps the seed, so that
         search is reproducible. Runs after this driver's first heartbeat: of two drivers
         starting together, at least the later one sees the other."""
-        attrs = self.study.user_attrs
-        others = [k for k in attrs if k.startswith("driver.") and k != f"driver.{self.me}"
-                  and st.driver_alive(attrs, k[len("driver."):], self.cfg.stale_after_s)]
+        others = self._others_alive()
         if others or self.study.get_trials(deepcopy=False):
             self.study.sampler.reseed_rng()
             log.info("sampler reseeded: %s", "another driver is live on this study"
@@ -323,8 +321,24 @@ class Driver:
                 self.scored[h] = (t.number, list(t.values), float(obj))
                 return
 
+    def _others_alive(self) -> bool:
+        """Whether another live driver is registered on the study (one attribute read)."""
+        attrs = self.study.user_attrs
+        return any(k.startswith("driver.") and k != f"driver.{self.me}"
+                   and st.driver_alive(attrs, k[len("driver."):], self.cfg.stale_after_s)
+                   for k in attrs)
+
     def _surplus(self, ticket: Ticket, claimed: FrozenTrial | None) -> bool:
-        """Over budget because another driver asked at the same moment: give it back."""
+        """Over budget because another driver asked at the same moment: give it back.
+
+        Alone on the study, this driver's own count is exact, so there is nothing to
+        check (the check waits for the writer and re-reads every trial). A driver that
+        registers after this look creates its first trial only after its start-up (its
+        writer alone takes about a second to start), by when this trial is stored, so
+        that driver's own check counts it and gives its trial back if one is too many.
+        """
+        if not self._others_alive():
+            return False
         self.mirror.sync()
         trials = self.study.get_trials(deepcopy=False)
         c = st.counts(trials)
