@@ -7,7 +7,10 @@ models), so whole searches and resumes take a second or two.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -116,3 +119,42 @@ def test_new_trial_is_one_write_and_mirror_learns_outcomes(tmp_path: Path) -> No
     fresh = Mirror(study)
     fresh.take_in(study.get_trials(deepcopy=False))
     assert fresh.mem.get_trials() == []
+
+
+def test_a_trial_asked_beyond_the_budget_beside_another_driver_is_given_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another live driver asks the last trial of the budget at the same moment as this
+    one: its trial is stored first (lower number), so this driver's trial is the one too
+    many. It is failed as surplus before it reaches a worker, and the study ends with
+    exactly the budget done."""
+    cfg = _cfg(tmp_path, "n_trials=8", "baselines=false")
+    other_id = "otherhost:4242:abcdef"  # another machine: alive while its beat is fresh
+    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
+    study = open_search_study(cfg, space)
+    study.set_user_attr(f"driver.{other_id}", {"start": time.time(), "beat": time.time()})
+    other = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage.url)
+    theirs: list[optuna.trial.Trial] = []
+    starts: list[int] = []
+    start = Mirror.start
+
+    def start_beside_the_other(self: Mirror, mem: Any, attrs: Any, claimed: Any) -> Any:
+        starts.append(1)
+        if len(starts) == cfg.n_trials:  # the other driver asks the last one meanwhile
+            theirs.append(other.ask())
+            theirs[0].set_user_attr("driver", other_id)
+            threading.Timer(1.0, lambda: other.tell(theirs[0], 0.5)).start()
+        return start(self, mem, attrs, claimed)
+
+    monkeypatch.setattr(Mirror, "start", start_beside_the_other)
+    ex = SerialExecutor(dataclasses.replace(worker_setup(cfg), simulate_s=0.0))
+    try:
+        summary = Driver(cfg, study, space, ex, show_progress=False).run()
+    finally:
+        ex.close()
+    trials = study.get_trials(deepcopy=False)
+    surplus = [t for t in trials if t.user_attrs.get("surplus")]
+    assert len(surplus) == 1 and surplus[0].state == TrialState.FAIL
+    assert surplus[0].number > theirs[0].number
+    assert "scores" not in surplus[0].user_attrs  # never evaluated
+    assert summary.counts["done"] == cfg.n_trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == cfg.n_trials
