@@ -108,17 +108,18 @@ class Driver:
     def _sync(self, wait: bool = True) -> dict[str, int]:
         """Re-reads the trials: budget counts, dedup table, best so far.
 
-        With ``wait`` it first waits for the writer to store this driver's writes, so
-        the counts are exact. Without, the trials the writer may not have created yet
-        count as asked (counted before the read: a trial both read and counted makes
-        the driver ask one fewer for a moment, never one too many)."""
-        unwritten = 0
+        With ``wait`` it first waits for the writer to store this driver's writes.
+        Without, this driver's trials that the read missed (sent to the writer, not yet
+        created) count as asked, so the counts are exact either way."""
+        unwritten: set[int] = set()
         if wait:
             self.mirror.sync()
         else:
             unwritten = self.mirror.unwritten()
         trials = self.study.get_trials(deepcopy=False)
-        self.mirror.learn_ids()  # before take_in: a trial finished in storage has its id
+        # also before take_in: a trial finished in storage has its id by now
+        missed = self.mirror.missing(
+            unwritten, trials, lambda t: t.user_attrs.get(st.ATTR_DRIVER) == self.me)
         for t in trials:
             if t.number in self._seen or not t.state.is_finished():
                 continue
@@ -140,7 +141,7 @@ class Driver:
         self._waiting = self._waiting or c["waiting"] > 0
         self.progress.update(c, self._best())
         self._last_sync = time.time()
-        self._counts, self._asked = c, unwritten
+        self._counts, self._asked = c, missed
         return c
 
     def _best(self) -> float | None:

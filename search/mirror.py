@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,14 +222,23 @@ class Mirror:
         self.flush()
         self._mine.update(self.writer.sync(force))
 
-    def unwritten(self) -> int:
-        """Flushes; the trials this mirror created that may not be in storage yet."""
+    def unwritten(self) -> set[int]:
+        """Flushes; the keys of the trials this mirror created that may not be in
+        storage yet."""
         self.flush()
         return self.writer.unwritten()
 
-    def learn_ids(self) -> None:
-        """Takes in the storage ids the writer has reported so far, without waiting."""
+    def missing(self, keys: set[int], trials: Sequence[FrozenTrial],
+                is_mine: Callable[[FrozenTrial], bool]) -> int:
+        """How many of the trials ``keys`` (from :meth:`unwritten`, taken before
+        ``trials`` were read) are not among ``trials``. Takes in the storage ids the
+        writer has reported meanwhile, without waiting; a trial the read has but whose
+        id has not come back yet is recognised by ``is_mine`` (its owner attribute)."""
         self._mine.update(self.writer.ids())
+        read = {t._trial_id for t in trials}
+        found = sum(1 for k in keys if self.writer.known_id(k) in read)
+        found += sum(1 for t in trials if t._trial_id not in self._mine and is_mine(t))
+        return max(0, len(keys) - found)
 
     def close(self) -> None:
         """Applies what is left and stops the writer."""

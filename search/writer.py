@@ -71,9 +71,12 @@ class InlineWriter:
     def trial_id(self, key: int) -> int:
         return self._ids[key]
 
-    def unwritten(self) -> int:
-        """Trials sent for creation and not yet in storage: none (written at once)."""
-        return 0
+    def unwritten(self) -> set[int]:
+        """Keys of the trials sent for creation whose id is not known: none."""
+        return set()
+
+    def known_id(self, key: int) -> int | None:
+        return self._ids.get(key)
 
     def sync(self, force: bool = False) -> list[int]:
         """Storage ids created since the last call (every write is already applied)."""
@@ -145,11 +148,15 @@ class ProcessWriter:
             self._receive(block=True)
         return self._ids[key]
 
-    def unwritten(self) -> int:
-        """Trials sent for creation whose id has not come back yet (an upper bound on
-        those not yet in storage: the child replies right after each creation)."""
+    def unwritten(self) -> set[int]:
+        """Keys of the trials sent for creation whose id has not come back yet (those
+        not yet in storage are among them: the child replies right after each)."""
         self._receive(block=False)
-        return len(self._unacked)
+        return set(self._unacked)
+
+    def known_id(self, key: int) -> int | None:
+        """The storage id of trial ``key`` if it has come back (no waiting)."""
+        return self._ids.get(key)
 
     def ids(self) -> list[int]:
         """The ids of the trials created since the last call, without waiting."""
