@@ -118,8 +118,7 @@ class Driver:
             unwritten = self.mirror.unwritten()
         trials = self.study.get_trials(deepcopy=False)
         # also before take_in: a trial finished in storage has its id by now
-        missed = self.mirror.missing(
-            unwritten, trials, lambda t: t.user_attrs.get(st.ATTR_DRIVER) == self.me)
+        missed = self.mirror.missing(unwritten, trials, self._is_mine)
         for t in trials:
             if t.number in self._seen or not t.state.is_finished():
                 continue
@@ -136,13 +135,16 @@ class Driver:
             elif t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_REQUEUED) \
                     and not t.user_attrs.get("surplus"):
                 self.failed_hashes.add(h)
-        self.mirror.take_in(trials)
+        self.mirror.take_in(trials, self._is_mine)
         c = st.counts(trials)
         self._waiting = self._waiting or c["waiting"] > 0
         self.progress.update(c, self._best())
         self._last_sync = time.time()
         self._counts, self._asked = c, missed
         return c
+
+    def _is_mine(self, t: FrozenTrial) -> bool:
+        return bool(t.user_attrs.get(st.ATTR_DRIVER) == self.me)
 
     def _best(self) -> float | None:
         objs = [o for _, _, o in self.scored.values()]
@@ -407,12 +409,20 @@ class Driver:
     def run(self) -> Summary:
         """Runs until this study's budget is spent; returns the summary."""
         self.mirror.writer = open_writer(self.cfg.storage.url, self.study._storage)
+        done = False
         try:
             self._loop()
             self.summary.counts = self._sync()
+            done = True
         finally:
             self.progress.close()
-            self.mirror.close()  # what is left reaches storage, also after an error
+            try:
+                self.mirror.close()  # what is left reaches storage, also after an error
+            except st.StorageError:
+                if done:
+                    raise
+                log.warning("storage writes failed while the search stopped",
+                            exc_info=True)  # the error that stopped it is raised
         return self.summary
 
     def _loop(self) -> None:
@@ -421,8 +431,10 @@ class Driver:
         self.summary.recovered = st.recover_stale(self.study, self.cfg.stale_after_s,
                                                   self.cfg.max_retries, self.me)
         self._seed_study()
+        # The writer has started (about a second, meanwhile) before the first read: a
+        # driver that joins late counts every trial the others' writers had queued.
+        self.mirror.sync(force=True)
         self._sync()
-        self.mirror.sync(force=True)  # the writer has started (it did, meanwhile)
         while True:
             self._advance_baselines()
             while len(self.running) < self.ex.slots and self._ask():

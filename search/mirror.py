@@ -81,11 +81,15 @@ class Mirror:
 
     # -- reading storage -------------------------------------------------------------
 
-    def take_in(self, trials: Sequence[FrozenTrial]) -> None:
-        """Copies finished trials from storage (earlier runs, other drivers) once each."""
+    def take_in(self, trials: Sequence[FrozenTrial],
+                is_mine: Callable[[FrozenTrial], bool] | None = None) -> None:
+        """Copies finished trials from storage (earlier runs, other drivers) once each;
+        ``is_mine`` recognises this driver's own trials whose id has not come back yet
+        (their outcome reached the sampler by tell)."""
         for t in trials:
             if t._trial_id in self._mine or t._trial_id in self._taken or not t.params or \
-                    t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                    t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or \
+                    (is_mine is not None and is_mine(t)):
                 continue  # no parameters (a recipe outside the space): nothing to learn
             self._taken.add(t._trial_id)
             try:
@@ -242,8 +246,10 @@ class Mirror:
 
     def close(self) -> None:
         """Applies what is left and stops the writer."""
-        self.flush()
-        self.writer.close()
+        try:
+            self.flush()
+        finally:
+            self.writer.close()
 
     def _write(self, ticket: Ticket, state: TrialState, values: list[float] | None,
                user_attrs: dict[str, Any]) -> None:

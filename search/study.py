@@ -30,7 +30,9 @@ from optuna.trial import FrozenTrial, TrialState
 from search.errors import SoupError
 
 log = logging.getLogger(__name__)
-_SECRET = re.compile(r"(://[^/:@]*:)([^@/]*)(@)")
+# user:password@ after the scheme; the password runs to the last "@" (SQLAlchemy takes
+# a raw "/" or "@" in it), so a password is never half shown
+_SECRET = re.compile(r"(://[^/:@\s]*:)(.*)(@[^@]*)$", re.DOTALL)
 HEARTBEAT_S = 10.0
 ATTR_DRIVER = "driver"
 ATTR_RECIPE = "recipe"

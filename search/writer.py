@@ -95,21 +95,24 @@ class ProcessWriter:
     The child is a fresh interpreter (``python -m search.writer FD``) joined to the driver
     by a socket pair: it imports nothing of the caller's script, so a script that runs a
     search needs no ``if __name__ == "__main__"`` guard, and nothing is forked from a
-    driver that runs Ray threads. The URL (it may hold a password) is the first message,
-    never a command-line argument. The child imports Optuna (about a second) while the
-    driver starts; messages sent meanwhile wait in the socket.
+    driver that runs Ray threads. It starts in the folder that holds this package (so a
+    ``search`` module in the user's folder cannot shadow it) and in its own session
+    (Ctrl-C or a signal to the driver's process group does not cut it off mid-write);
+    it then moves to the driver's folder, so relative storage paths mean the same. The
+    URL (it may hold a password) is the first message, never a command-line argument.
+    The child imports Optuna (about a second) while the driver starts; messages sent
+    meanwhile wait in the socket. It exits at ``close`` or once the driver is gone.
     """
 
     def __init__(self, url: str) -> None:
         self._url = url
         mine, theirs = socket.socketpair()
         package = str(Path(__file__).resolve().parents[1])  # the folder holding search/
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [package, *filter(None, [os.environ.get("PYTHONPATH")])])}
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "search.writer", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd=package,
+                start_new_session=True)
         except OSError as exc:
             raise StorageError(f"the storage writer process cannot start: {exc}") from None
         finally:
@@ -122,7 +125,8 @@ class ProcessWriter:
         self._asked = 0  # sync requests sent
         self._answered = 0  # sync requests answered
         self.stats: dict[str, list[float]] = {}
-        self._send(("open", url))
+        self._errors: list[str] = []  # the child's error replies, raised after a send
+        self._send(("open", url, os.getcwd()))
 
     @property
     def pid(self) -> int:
@@ -146,6 +150,7 @@ class ProcessWriter:
         """The storage id of trial ``key`` (waits until the child has created it)."""
         while key not in self._ids:
             self._receive(block=True)
+            self._raise_errors()
         return self._ids[key]
 
     def unwritten(self) -> set[int]:
@@ -161,6 +166,7 @@ class ProcessWriter:
     def ids(self) -> list[int]:
         """The ids of the trials created since the last call, without waiting."""
         self._receive(block=False)
+        self._raise_errors()
         new, self._new = self._new, []
         return new
 
@@ -175,23 +181,28 @@ class ProcessWriter:
         self._send(("sync", self._asked))
         while self._answered < self._asked:
             self._receive(block=True)
+            self._raise_errors()
         new, self._new = self._new, []
         return new
 
     def close(self) -> None:
-        """Applies what is left and stops the child."""
-        if not self.alive():
-            self._conn.close()
-            return
-        try:
-            self.sync()
-            self._conn.send(("close",))
-        finally:
+        """Applies what is left and stops the child; raises the first write error."""
+        error: StorageError | None = None
+        if self.alive():
             try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a storage that hangs
-                self._proc.terminate()
-            self._conn.close()
+                self.sync()
+            except StorageError as exc:
+                error = exc
+            with contextlib.suppress(OSError):
+                self._conn.send(("close",))
+        self._conn.close()  # end-of-file: the child applies what it has, then exits
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a storage that hangs
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        if error is not None:
+            raise error
 
     # -- the pipe ----------------------------------------------------------------------
 
@@ -201,6 +212,13 @@ class ProcessWriter:
             self._conn.send(msg)
         except OSError:
             self._gone()
+        self._raise_errors()  # after the send: a reported error never drops this write
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            url, reason = redact(self._url), self._errors.pop(0)
+            self._errors.clear()
+            raise StorageError(f"storage {url}: {reason}")
 
     def _receive(self, block: bool) -> None:
         while True:
@@ -232,8 +250,7 @@ class ProcessWriter:
             self._answered = max(self._answered, reply[1])
             self.stats = reply[2]
         elif kind == "error":
-            url, reason = redact(self._url), reply[1]
-            raise StorageError(f"storage {url}: {reason}")
+            self._errors.append(reply[1])
 
     def _gone(self) -> Any:
         """Raises the child's last error if it sent one before it ended, else says it
@@ -241,6 +258,7 @@ class ProcessWriter:
         with contextlib.suppress(EOFError, OSError):
             while self._conn.poll(0):
                 self._take(self._conn.recv())
+        self._raise_errors()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=1)
         url, code = redact(self._url), self._proc.returncode
@@ -267,7 +285,8 @@ def _serve(conn: Connection) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _, url = conn.recv()
+        _, url, cwd = conn.recv()
+        os.chdir(cwd)  # relative storage paths are the driver's
     except (EOFError, OSError):
         return
     try:
@@ -282,6 +301,11 @@ def _serve(conn: Connection) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             return  # the driver is gone; everything it sent has been applied
+        except Exception as exc:  # a message cut off (the driver interrupted mid-send)
+            log.warning("a message from the driver could not be read (%s); the writes "
+                        "after it are lost and `soup resume` re-runs those trials",
+                        type(exc).__name__)
+            return
         kind = msg[0]
         if kind == "close":
             return

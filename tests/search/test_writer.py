@@ -17,7 +17,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study import StorageError, open_study
+from search.study import StorageError, open_study, redact
 from search.writer import ProcessWriter, open_writer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +121,17 @@ def test_a_failed_write_stops_the_driver_with_one_line(tmp_path: Path) -> None:
         assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
     finally:
         writer.close()
+    # an error still unread when the driver stops: close() raises it, promptly, and the
+    # writes sent after the failed one are still applied
+    study = optuna.load_study(study_name="w", storage=url)
+    writer = ProcessWriter(url)
+    writer.finish(1, 12345, {}, TrialState.COMPLETE, [1.0])
+    writer.create(2, study._study_id, _template(0.5, {}))
+    t0 = time.time()
+    with pytest.raises(StorageError, match="KeyError"):
+        writer.close()
+    assert time.time() - t0 < 10 and not writer.alive()
+    assert [t.params for t in study.get_trials(deepcopy=False)] == [{"x": 0.5}]
 
 
 def test_a_dead_writer_and_an_unreachable_database_are_one_line_without_password(
@@ -139,3 +150,15 @@ def test_a_dead_writer_and_an_unreachable_database_are_one_line_without_password
         secret.sync()
     assert "hunter2" not in str(err.value) and "soup:***@" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("password", ["hunter2", "p/ss", "p@ss:w/rd"])
+def test_passwords_are_hidden_whatever_they_contain(password: str) -> None:
+    """SQLAlchemy takes a raw "/" or "@" in a password: it is hidden whole, in a URL
+    alone or inside a message."""
+    url = f"postgresql+psycopg2://soup:{password}@db.example:5432/soup"
+    for text in (url, f"storage {url} cannot be opened: connection refused"):
+        shown = redact(text)
+        assert password not in shown and "soup:***@db.example:5432/soup" in shown
+    assert redact("sqlite:////tmp/a/study.db") == "sqlite:////tmp/a/study.db"
+    assert redact("postgresql://soup@db/soup") == "postgresql://soup@db/soup"
