@@ -46,7 +46,7 @@ def test_writes_are_applied_in_order_and_ids_come_back(tmp_path: Path, scheme: s
         for key in range(1, 6):  # outcome of each right after its creation was sent
             writer.finish(key, None, {"scores": {"objective": key}}, TrialState.COMPLETE,
                           [float(key)])
-        os.kill(writer.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches it too
+        os.kill(writer.pid, signal.SIGINT)  # a SIGINT sent to it directly is ignored too
         created = writer.sync()
         assert len(created) == 5
         trials = study.get_trials(deepcopy=False)
