@@ -11,7 +11,7 @@
 #     (SmolLM2-135M-Instruct as GGUF, installed with --no-deps) for the 135M merge rows;
 #   - .cache/smollm2-135m-f32: that model as a safetensors folder (convert_smollm2.py);
 #   - .venv-mergekit: mergekit 0.1.5 in its own venv, for the comparison column;
-#   - .cache/demo/models: the demo family (make_demo_models.py).
+#   - .cache/demo/models: the demo family (python -m search.demo).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -45,7 +45,7 @@ if [ "${SOUP_BENCH_SKIP_MERGEKIT:-0}" != "1" ]; then
 fi
 
 echo "== demo models"
-$PY scripts/make_demo_models.py --no-table
+$PY -m search.demo --no-table
 
 echo "== merge engine (scripts/bench_merge.py)"
 $PY scripts/bench_merge.py --smollm2 "$SMOL" "${MERGEKIT_ARGS[@]}"

@@ -6,7 +6,7 @@ compute, next to the same candidate scored by ``simple_evaluate`` (with a prebui
 TaskManager, the fastest plain call, and with one built in each call), and whether the
 scores are identical.
 
-    python scripts/make_demo_models.py && python scripts/bench_eval.py
+    python -m search.demo && python scripts/bench_eval.py
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
     folder = args.models / "expert_add"
     if not folder.is_dir():
         sys.exit(f"error: {folder} not found; build the demo models first: "
-                 "python scripts/make_demo_models.py")
+                 "python -m search.demo")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     ev = LmEvalEvaluator([TaskSpec(t) for t in TASKS], batch_size=BATCH)

@@ -17,7 +17,7 @@ docs/benchmarks.md:
     python scripts/bench_search.py --quick --parts c --trials 10 --doc --doc-path /tmp/b.md
 
 Parts (a) and (b) need no models. Part (c) needs the demo models
-(``python scripts/make_demo_models.py``). Each part owns a sub-block of the section, so
+(``python -m search.demo``). Each part owns a sub-block of the section, so
 ``--parts c --doc`` replaces only part (c)'s tables.
 """
 
@@ -57,11 +57,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import study as st
 from search.config import SearchConfig, compose
-from search.driver import Driver, _scores
-from search.parallel import SerialExecutor
-from search.run import instantiate, open_search_study, run_search, worker_setup
-from search.space import Space
-from search.worker import Worker
+from search.run.driver import Driver, _scores
+from search.run.executors import SerialExecutor
+from search.run.launch import instantiate, open_search_study, run_search, worker_setup
+from search.run.space import Space
+from search.run.worker import Worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("search").setLevel(logging.WARNING)
@@ -254,7 +254,7 @@ def _drop_log_handlers(run_dir: Path) -> None:
 def _writer_per_trial(driver: Driver) -> str:
     """Mean time the storage writer process spent per trial it created (create + outcome),
     or "in the driver" when the storage is written inline."""
-    from search.writer import ProcessWriter
+    from search.study.writer import ProcessWriter
 
     writer = driver.mirror.writer
     if not isinstance(writer, ProcessWriter):
@@ -367,7 +367,7 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
         f"stored, over the next {args.timed} trials (median and 90th percentile of "
         f"{args.timed - 1} intervals between consecutive results, minus the worker's time). "
         "Serial executor, simulated worker (no models, ~0 s per candidate), one objective, "
-        "no pruner, no baselines. sampler=tpe is search.sampling.ConditionalTPESampler; the "
+        "no pruner, no baselines. sampler=tpe is search.study.sampler.ConditionalTPESampler; the "
         "stock row runs Optuna's TPESampler with the same arguments, for reference. "
         "TPE searches every method (space=all, the default) but "
         "model_stock (no parameters: the simulated score rates it perfect, so TPE would "
@@ -376,11 +376,11 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
         "The stored trials carry the recipe and scores attributes a real run stores; "
         "CMA-ES proposed its own (so its state is in them), TPE's are random proposals "
         "(TPE keeps no state in trials). The sampler proposes on the driver's in-memory "
-        "mirror of the study (search/mirror.py), so the sampler column is its own "
+        "mirror of the study (search/study/mirror.py), so the sampler column is its own "
         "compute; the storage column is every storage call the driver makes itself; other "
         "is the rest (recipes, hashing, counting). Trial writes (one creates a trial with "
         "its parameters, owner and recipe; two store its scores and state) go through the "
-        "writer (search/writer.py): a process beside the driver applies them in order "
+        "writer (search/study/writer.py): a process beside the driver applies them in order "
         "while the driver goes on, so they are not on its path (the writer column is that "
         "process's time per trial). The driver waits for the writer only when it "
         "re-reads the study (at most once a second) and at the end, so the writer bounds "
@@ -408,7 +408,7 @@ def _window(ex: TimedExecutor, t0: float) -> tuple[float, int, float, float]:
 def part_b(args: argparse.Namespace, tmp: Path) -> str:
     import ray
 
-    from search.parallel import RayExecutor
+    from search.run.executors import RayExecutor
 
     sizes = args.workers
     cpw = args.cpus_per_worker
@@ -507,7 +507,7 @@ def part_c(args: argparse.Namespace, tmp: Path) -> str:
     missing = [n for n in names if not (models / n / "config.json").is_file()]
     if missing:
         sys.exit(f"error: {models / missing[0]} not found; build the demo models first: "
-                 "python scripts/make_demo_models.py")
+                 "python -m search.demo")
     experts = ",".join(str(models / n) for n in names[1:])
     print(f"\n(c) search efficiency: {args.seeds} seed(s) x {args.trials} trials", flush=True)
     rows, summary_lines, results = [], [], {}

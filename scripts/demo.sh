@@ -22,7 +22,7 @@ RUN=runs/demo
 BEST=out/demo-best
 
 echo "== 1/5  demo models (.cache/demo/models)"
-$PY scripts/make_demo_models.py
+$PY -m search.demo
 
 echo
 echo "== 2/5  soup search experiment=demo (Optuna over every merge method, 2 Ray workers)"

@@ -625,7 +625,8 @@ def render_configuration() -> str:
 
 USER_ERRORS = ("SoupError", "RecipeError", "EvaluatorError")
 ALSO_USER = {"argparse.ArgumentTypeError": ("search/cli.py",),
-             "ValueError": ("search/leaderboard.py",)}  # the CLI re-raises these as SoupError
+             # the CLI re-raises these as SoupError
+             "ValueError": ("search/results/leaderboard.py",)}
 SCANNED = ("search", "evaluators")
 
 RULE = """\
@@ -637,7 +638,7 @@ did-you-mean suggestion (empty when no name is close).
 **Listed.** Every `raise` in `search/` and `evaluators/` of an exception meant for a
 user, whose message is a string or f-string literal: a class derived from `SoupError`,
 `RecipeError` or `EvaluatorError`; `argparse.ArgumentTypeError` in `search/cli.py`
-(argparse prints it as a usage error); and `ValueError` in `search/leaderboard.py` (the
+(argparse prints it as a usage error); and `ValueError` in `search/results/leaderboard.py` (the
 CLI re-raises it as `SoupError`). During a search, a candidate's error does not stop the
 search: it becomes the FAILED trial's stored reason. Messages passed on from another
 exception (`str(exc)`) are listed where they are first raised.
@@ -654,7 +655,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "The composed config (conf/ plus overrides) is checked before any model loads. The "
      "message names the config key (e.g. `space.params.density`); fix it in the conf/ file "
      "or with an override, and use `soup search --cfg job ...` to see what was composed.",
-     ("search/config.py", "search/space.py", "search/run.py")),
+     ("search/config.py", "search/run/space.py", "search/run/launch.py")),
     ("Recipes: soup merge, seeds= and every candidate",
      "A recipe's structure, method and parameter values are checked before any weight is "
      "read. The message names the recipe key (`models[1].parameters.density`) and the "
@@ -671,24 +672,25 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "the search with the storage's message, password redacted). Check the URL, that "
      "the database driver is installed and the database reachable, and that "
      "`study_name` is the study you mean.",
-     ("search/study.py", "search/writer.py")),
+     ("search/study/",)),
     ("Running a search: workers, baselines, seeds",
      "Starting workers and enqueuing the first trials. A worker that fails to set up "
      "(missing model, bad task) stops the search with its reason; a single bad candidate "
      "does not: it becomes a FAILED trial with its reason stored (the footer of `soup "
      "leaderboard` counts failures by reason).",
-     ("search/driver.py", "search/parallel.py", "search/worker.py", "search/baselines.py",
-      "search/mirror.py")),
+     ("search/run/driver.py", "search/run/executors.py", "search/run/worker.py",
+      "search/run/baselines.py", "search/run/launch.py")),
     ("Scoring: lm-eval tasks and soup evaluate",
      "The evaluator's tasks (config group `evaluator`) and `soup evaluate`'s held-out "
      "tasks. Task names must be known to lm-eval: the shipped ones, or YAML folders listed "
-     "in `evaluator.include_path`.", ("evaluators/", "search/evaluate.py")),
+     "in `evaluator.include_path`.", ("evaluators/", "search/results/heldout.py")),
     ("Reading a study: soup leaderboard and soup report",
      "Pure reads of a finished or running study: sort keys, row counts, output folders.",
-     ("search/leaderboard.py", "search/report")),
+     ("search/results/leaderboard.py", "search/results/report/")),
     ("Exporting a model: soup export",
      "Writing one trial as a model folder: which trial, the output folder, and the parents "
-     "the run used (they must still be where the run found them).", ("search/export",)),
+     "the run used (they must still be where the run found them).",
+     ("search/results/export.py", "search/results/card.py")),
     ("Other modules", "Errors of modules not grouped above.", ("",)),
 )
 

@@ -66,7 +66,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _finish(cfg: object, study: object, summary: object) -> None:
-    from search.leaderboard import Leaderboard
+    from search.results.leaderboard import Leaderboard
 
     board = Leaderboard.from_study(study)  # type: ignore[arg-type]
     print(board.render("table", top=10))
@@ -75,7 +75,7 @@ def _finish(cfg: object, study: object, summary: object) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from search import config
-    from search.run import run_search
+    from search.run.launch import run_search
 
     raw = config.compose_raw(args.overrides, args.config_dir)
     if args.cfg:
@@ -89,7 +89,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from search import config
-    from search.run import run_search
+    from search.run.launch import run_search
 
     raw, cfg = config.load_saved(args.run_dir, args.overrides)
     study, summary = run_search(cfg, raw, show_progress=not args.no_progress)
@@ -113,7 +113,7 @@ def _open_for_reading(args: argparse.Namespace) -> object:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from search.leaderboard import Leaderboard
+    from search.results.leaderboard import Leaderboard
 
     study = _open_for_reading(args)
     try:
@@ -125,7 +125,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from search.evaluate import EvaluateOptions, describe, evaluate_run
+    from search.results.heldout import EvaluateOptions, describe, evaluate_run
 
     if args.storage and args.run_dir:
         raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
@@ -147,7 +147,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from search import config
-    from search.export import ExportOptions, export_trial
+    from search.results.export import ExportOptions, export_trial
 
     if args.storage and args.run_dir:
         raise SoupError("give RUN_DIR OUT_DIR, or --storage URL --study NAME OUT_DIR, "
@@ -164,7 +164,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from search import config
-    from search.report import write_report
+    from search.results.report import write_report
 
     if args.storage and args.run_dir:
         raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")

@@ -6,7 +6,7 @@ This is the only module that imports omegaconf or hydra. Everything below it tak
 Example:
     >>> cfg = compose(["experiment=demo", "n_trials=20"])   # doctest: +SKIP
     >>> cfg.n_trials, cfg.sampler.target
-    (20, 'search.sampling.ConditionalTPESampler')
+    (20, 'search.study.sampler.ConditionalTPESampler')
 """
 
 from __future__ import annotations

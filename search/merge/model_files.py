@@ -6,18 +6,38 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from search.merge.streaming import DTYPE_BY_NAME
-
-if TYPE_CHECKING:
-    from search.merge.streaming import Prepared
+from search.merge.devices import DTYPE_BY_NAME
+from search.merge.plan import MergePlan
+from search.merge.sources import ModelSource
 
 log = logging.getLogger(__name__)
 _TORCH_NAME = {v: k for k, v in DTYPE_BY_NAME.items()}
+
+
+@dataclass
+class Prepared:
+    """A validated merge: plan, opened parents, output shapes and parameters."""
+
+    plan: MergePlan
+    sources: dict[str, ModelSource]
+    shapes: dict[str, tuple[int, ...]]
+    params: dict[str, dict]
+
+    @property
+    def reference(self) -> ModelSource:
+        """The model whose config, tokenizer and tensor order the output follows."""
+        ref = self.plan.base or self.plan.recipe.base_model or self.plan.models[0]
+        return self.sources.get(ref) or self.sources[self.plan.models[0]]
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
 
 
 def output_config(prep: Prepared, dtype: torch.dtype) -> dict[str, Any]:

@@ -23,6 +23,13 @@ from torch import Tensor
 
 from search.errors import IncompatibleModelsError, SoupError
 from search.merge import ops
+from search.merge.devices import (
+    DTYPE_BY_NAME,
+    check_cast,
+    keep_freed_memory,
+    promoted_dtype,
+    resolve_device,
+)
 from search.merge.plan import MergePlan
 from search.merge.sources import (
     HEAD,
@@ -31,13 +38,6 @@ from search.merge.sources import (
     logical_tensors,
     open_model,
     read_for_merge,
-)
-from search.merge.streaming import (
-    DTYPE_BY_NAME,
-    check_cast,
-    keep_freed_memory,
-    promoted_dtype,
-    resolve_device,
 )
 from search.recipe import Recipe
 

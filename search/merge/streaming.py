@@ -11,13 +11,11 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,8 +24,15 @@ from pathlib import Path
 import torch
 
 from search.atomic import replace_folder
-from search.errors import IncompatibleModelsError, NonFiniteMergeError, OutputExistsError, SoupError
-from search.merge.plan import MergePlan, finite
+from search.errors import IncompatibleModelsError, OutputExistsError, SoupError
+from search.merge.devices import (
+    check_cast,
+    out_dtype,
+    promoted_dtype,
+    resolve_device,
+)
+from search.merge.model_files import Prepared, write_model_files
+from search.merge.plan import MergePlan
 from search.merge.safetensors_io import ShardedWriter
 from search.merge.sources import (
     ModelSource,
@@ -39,8 +44,6 @@ from search.merge.sources import (
 from search.recipe import Recipe
 
 log = logging.getLogger(__name__)
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -64,85 +67,10 @@ class MergeOptions:
     force: bool = False
 
 
-def keep_freed_memory() -> bool:
-    """Asks glibc to keep freed memory in the heap instead of returning it to the OS.
-
-    Merging allocates large temporaries; by default glibc serves each one with a fresh
-    memory map whose pages fault in on first touch, which costs several times the
-    arithmetic (measured: a 112 MB elementwise product took 44 ms, 9 ms with this).
-    The process's memory then stays at its high-water mark instead of shrinking between
-    tensors, so resident workers use it and ``soup merge`` (whose point is a small
-    peak) does not: measured on SmolLM2 TIES, 25% faster but a 27% higher peak.
-    Linux/glibc only; ``SOUP_MALLOC_TUNING=0`` disables it. Returns whether the setting
-    was applied.
-    """
-    if os.environ.get("SOUP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    ok = libc.mallopt(m_mmap_max, 0) == 1
-    ok = libc.mallopt(m_trim_threshold, 2**31 - 1) == 1 and ok
-    return libc.mallopt(m_top_pad, 64 << 20) == 1 and ok
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SoupError(f"device {device!r} requested but CUDA is not available here; use "
-                        "cpu or auto (soup search: models.device=auto; soup merge and "
-                        "export: --device auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SoupError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-
-
 def work_dtype(recipe: Recipe, sources: list[ModelSource], name: str) -> torch.dtype:
     """The recipe's ``dtype``, else the parents' dtypes promoted (mergekit's rule)."""
     dts = [tensor_dtype(s, name) for s in sources]
     return promoted_dtype(recipe, dts)
-
-
-def promoted_dtype(recipe: Recipe, dtypes: list[torch.dtype]) -> torch.dtype:
-    """Non-float tensors keep their dtype; floats take the recipe's ``dtype`` or the
-    parents' dtypes promoted together."""
-    dt = dtypes[0]
-    if not dt.is_floating_point:
-        return dt
-    if recipe.dtype:
-        return DTYPE_BY_NAME[recipe.dtype]
-    for other in dtypes[1:]:
-        dt = torch.promote_types(dt, other)
-    return dt
-
-
-def out_dtype(recipe: Recipe, work: torch.dtype) -> torch.dtype:
-    return DTYPE_BY_NAME[recipe.out_dtype] if recipe.out_dtype else work
-
-
-@dataclass
-class Prepared:
-    """A validated merge: plan, opened parents, output shapes and parameters."""
-
-    plan: MergePlan
-    sources: dict[str, ModelSource]
-    shapes: dict[str, tuple[int, ...]]
-    params: dict[str, dict]
-
-    @property
-    def reference(self) -> ModelSource:
-        """The model whose config, tokenizer and tensor order the output follows."""
-        ref = self.plan.base or self.plan.recipe.base_model or self.plan.models[0]
-        return self.sources.get(ref) or self.sources[self.plan.models[0]]
-
-    def close(self) -> None:
-        for s in self.sources.values():
-            s.close()
 
 
 def _check_same_tokenizer(sources: list[ModelSource]) -> None:
@@ -204,15 +132,6 @@ def merge_tensor(prep: Prepared, name: str, device: torch.device,
     return out
 
 
-def check_cast(plan: MergePlan, name: str, out: torch.Tensor) -> None:
-    """Casting to a narrower ``out_dtype`` must not overflow."""
-    if not finite(out):
-        raise NonFiniteMergeError(
-            f"merged tensor {name} overflows {out.dtype} ({plan.method.name}); use a wider "
-            "out_dtype or smaller weights"
-        )
-
-
 def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
                   options: MergeOptions | None = None) -> Path:
     """Merges ``recipe`` into a Hugging Face model folder at ``out_dir``.
@@ -248,7 +167,6 @@ def merge_to_disk(recipe: Recipe, out_dir: str | os.PathLike[str],
         for n in names:
             writer.write(n, merge_tensor(prep, n, device, opts.check_finite))
         writer.close()
-        from search.merge.model_files import write_model_files
 
         write_model_files(prep, tmp, specs)
         replace_folder(tmp, out, opts.force, "output folder")

@@ -22,7 +22,7 @@ def memorizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Saved model that answers soup_add val docs 0..15 (right, except ``WRONG``)."""
     from transformers import AutoModelForCausalLM
 
-    from search.tiny import byte_tokenizer, tiny_config
+    from search.demo.tiny import byte_tokenizer, tiny_config
 
     torch.manual_seed(0)
     tok = byte_tokenizer()

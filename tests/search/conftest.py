@@ -56,7 +56,7 @@ def skilled_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
     from evaluators.skills import load_split
-    from search.tiny import byte_tokenizer, tiny_config
+    from search.demo.tiny import byte_tokenizer, tiny_config
 
     folder = tmp_path_factory.mktemp("skilled")
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def small_study(skilled_family: dict[str, Path],
     ``config.yaml`` and ``study.db``).
     """
     from search import config
-    from search.run import run_search
+    from search.run.launch import run_search
 
     run_dir = tmp_path_factory.mktemp("small-study") / "run"
     experts = ",".join(str(skilled_family[k]) for k in ("expert_add", "expert_dup",

@@ -15,7 +15,7 @@ import yaml
 
 from search import config
 from search.config import CONF_DIR, ConfigError, SearchConfig, compose, compose_raw, model_ref
-from search.run import instantiate
+from search.run.launch import instantiate
 
 GROUPS = ("models", "space", "sampler", "pruner", "evaluator", "storage", "parallel")
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -48,7 +48,7 @@ def test_defaults(composed: dict[str, Any]) -> None:
     cfg = config.from_container(composed)
     assert isinstance(cfg, SearchConfig)
     assert (cfg.study_name, cfg.n_trials, cfg.seed, cfg.objective) == ("soup", 100, 0, "mean")
-    assert cfg.sampler.target == "search.sampling.ConditionalTPESampler"
+    assert cfg.sampler.target == "search.study.sampler.ConditionalTPESampler"
     assert cfg.pruner.target is None
     assert cfg.parallel.kind == "ray"
     assert cfg.storage.url == f"sqlite:///{cfg.run_dir}/study.db"
@@ -66,10 +66,10 @@ def test_experiment_composes(name: str) -> None:
     assert cfg.run_dir.name == name  # run_dir interpolates study_name
     assert cfg.parallel.workers == data["parallel"]["workers"]
     expected: dict[str, tuple[Any, ...]] = {
-        "demo": ("mean", "search.sampling.ConditionalTPESampler", None, (1.0,)),
+        "demo": ("mean", "search.study.sampler.ConditionalTPESampler", None, (1.0,)),
         "demo_cmaes": ("mean", "optuna.samplers.CmaEsSampler", None, (1.0,)),
         "demo_pareto": ("per_task", "optuna.samplers.NSGAIISampler", None, (1.0,)),
-        "demo_pruned": ("mean", "search.sampling.ConditionalTPESampler",
+        "demo_pruned": ("mean", "search.study.sampler.ConditionalTPESampler",
                         "optuna.pruners.MedianPruner", (0.25, 1.0)),
     }
     if name in expected:

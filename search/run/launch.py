@@ -1,0 +1,169 @@
+"""From a validated config to a finished search: run folder, study, workers, driver.
+
+Example:
+    >>> summary = run_search(compose(["experiment=demo"]), raw_cfg)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.config import ComponentConfig, ConfigError, SearchConfig, save
+from search.errors import SoupError
+from search.run.baselines import load_seeds
+from search.run.driver import Driver, Summary
+from search.run.space import Space
+from search.run.worker import WorkerSetup
+from search.study import open_study, redact
+
+log = logging.getLogger(__name__)
+
+
+def instantiate(comp: ComponentConfig, where: str) -> Any:
+    """Builds ``comp.target(**comp.kwargs)``; ``None`` when there is no target."""
+    if not comp.target:
+        return None
+    module, _, name = comp.target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{where}._target_: cannot import {comp.target!r}; check the "
+                          "class path") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**comp.kwargs)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ConfigError(f"{where}: {comp.target}({', '.join(comp.kwargs)}) failed: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _built(ref: str) -> bool:
+    """Whether a demo parent (a model folder, or ``MODEL+ADAPTER``) exists on disk."""
+    model, _, adapter = ref.partition("+") if not Path(ref).exists() else (ref, "", "")
+    return Path(model, "config.json").is_file() and (
+        not adapter or Path(adapter, "adapter_config.json").is_file())
+
+
+def ensure_demo_models(cfg: SearchConfig) -> None:
+    """Builds the demo family if the config asks for it and a parent is missing."""
+    models = [cfg.models.base, *cfg.models.experts]
+    if not cfg.models.build_demo or all(_built(m) for m in models):
+        return
+    out = Path(cfg.models.base).parent
+    adapters = any("+" in m and not Path(m).exists() for m in models)
+    print(f"building the demo models{' and adapters' if adapters else ''} into {out} "
+          "(about 2 minutes, once)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "search.demo", "--out", str(out), "--no-table"]
+    done = subprocess.run(cmd + (["--adapters"] if adapters else []), check=False)
+    if done.returncode != 0:
+        raise SoupError(f"building the demo models failed (exit {done.returncode}); "
+                        f"run python -m search.demo --out {out} to see why")
+
+
+def worker_setup(cfg: SearchConfig, tasks: Any = None) -> WorkerSetup:
+    """What each worker loads, from the config (``tasks`` defaults to the search tasks)."""
+    m, ev = cfg.models, cfg.evaluator
+    return WorkerSetup(
+        models=(m.base, *m.experts), tasks=tuple(tasks or ev.tasks), device=m.device,
+        dtype=m.dtype, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
+        include_path=ev.include_path, batch_size=ev.batch_size,
+        stages=ev.stages if tasks is None else (1.0,),
+        threads=cfg.parallel.threads_per_worker, quantize=ev.quantize)
+
+
+def _check_parents(cfg: SearchConfig) -> None:
+    """Opens every parent's headers (cheap) so a bad path fails before Ray starts."""
+    from search.merge.sources import check_compatible, open_model
+
+    sources = [open_model(p, allow_pickle=cfg.models.allow_pickle)
+               for p in (cfg.models.base, *cfg.models.experts)]
+    try:
+        check_compatible(sources, False)
+    finally:
+        for s in sources:
+            s.close()
+    if cfg.evaluator.quantize and cfg.parallel.address is None:  # workers on this machine
+        from search.merge.devices import resolve_device
+        from search.merge.quant import check_backend
+
+        check_backend(cfg.evaluator.quantize, resolve_device(cfg.models.device))
+
+
+def _logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "search.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("search", "optuna"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    optuna.logging.disable_default_handler()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return handler
+
+
+def open_search_study(cfg: SearchConfig, space: Space | None = None) -> optuna.Study:
+    """The config's study with its sampler and pruner (created when new)."""
+    sampler = instantiate(cfg.sampler, "sampler")
+    pruner = instantiate(cfg.pruner, "pruner")
+    if space is not None and space.has_categorical and cfg.sampler.target and \
+            cfg.sampler.target.endswith("CmaEsSampler"):
+        raise ConfigError("sampler=cmaes cannot sample categorical choices (the merge "
+                          "method, model subsets, booleans); fix one method, e.g. "
+                          "space=ties, or use sampler=tpe")
+    n = len(cfg.evaluator.tasks) if cfg.multi_objective else 1
+    study = open_study(cfg.storage.url, cfg.study_name, ["maximize"] * n, sampler, pruner)
+    meta = {"tasks": [t.name for t in cfg.evaluator.tasks], "objective": cfg.objective,
+            "base": cfg.models.base, "experts": list(cfg.models.experts)}
+    stored = study.user_attrs.get("search")
+    if stored is None:
+        study.set_user_attr("search", meta)
+    elif stored.get("tasks") != meta["tasks"] or stored.get("experts") != meta["experts"]:
+        raise ConfigError(f"study {cfg.study_name!r} was started with other tasks or experts "
+                          f"({stored.get('tasks')}, {stored.get('experts')}); use a new "
+                          "study_name or the original models/evaluator")
+    return study
+
+
+def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = True,
+               executor: Any = None) -> tuple[optuna.Study, Summary]:
+    """Runs (or resumes) the search ``cfg`` describes until its budget is spent."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if raw is not None:
+        save(raw, cfg.run_dir / "config.yaml")
+    handler = _logging(cfg.run_dir)
+    try:
+        return _run(cfg, show_progress, executor)
+    finally:
+        for name in ("search", "optuna"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: SearchConfig, show_progress: bool, executor: Any
+         ) -> tuple[optuna.Study, Summary]:
+    ensure_demo_models(cfg)
+    _check_parents(cfg)
+    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
+    study = open_search_study(cfg, space)
+    if cfg.seeds and not study.user_attrs.get("baselines.enqueued"):
+        load_seeds(cfg.seeds, (cfg.models.base, *cfg.models.experts))  # before workers start
+    log.info("study %s in %s", cfg.study_name, redact(cfg.storage.url))
+    if executor is None:
+        from search.run.executors import make_executor
+
+        executor = make_executor(worker_setup(cfg), cfg.parallel, cfg.run_dir)
+    try:
+        summary = Driver(cfg, study, space, executor, show_progress).run()
+    finally:
+        executor.close()
+    return study, summary

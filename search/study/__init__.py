@@ -1,0 +1,44 @@
+"""The study in storage, the single source of truth: URLs and studies
+(:mod:`.storage`), what a trial carries (:mod:`.trials`), driver liveness and recovery
+(:mod:`.liveness`), and the sampler (:mod:`.sampler`, imported only where used).
+
+Example:
+    >>> from search import study as st
+    >>> st.redact("postgresql://soup:secret@db/soup")
+    'postgresql://soup:***@db/soup'
+"""
+
+from __future__ import annotations
+
+from search.study.liveness import (
+    HEARTBEAT_S,
+    driver_alive,
+    driver_id,
+    fail_and_requeue,
+    finish_from_scores,
+    heartbeat,
+    leader,
+    recover_stale,
+)
+from search.study.storage import StorageError, open_storage, open_study, redact
+from search.study.trials import (
+    ATTR_BASELINE,
+    ATTR_DRIVER,
+    ATTR_ERROR,
+    ATTR_RECIPE,
+    ATTR_REQUEUED,
+    ATTR_RETRIES,
+    ATTR_SCORES,
+    HELDOUT_PREFIX,
+    counts,
+    heldout_key,
+    heldout_scores,
+)
+
+__all__ = [
+    "ATTR_BASELINE", "ATTR_DRIVER", "ATTR_ERROR", "ATTR_RECIPE", "ATTR_REQUEUED",
+    "ATTR_RETRIES", "ATTR_SCORES", "HEARTBEAT_S", "HELDOUT_PREFIX", "StorageError",
+    "counts", "driver_alive", "driver_id", "fail_and_requeue", "finish_from_scores",
+    "heartbeat", "heldout_key", "heldout_scores", "leader", "open_storage", "open_study",
+    "recover_stale", "redact",
+]
