@@ -19,8 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from search.errors import SoupError
 
-class EvaluatorError(ValueError):
+
+class EvaluatorError(SoupError, ValueError):
     """A task, metric or document selection that cannot be used (user input)."""
 
 

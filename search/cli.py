@@ -25,10 +25,8 @@ import re
 import sys
 from collections.abc import Sequence
 
-from evaluators.base import EvaluatorError
 from search import __version__
 from search.errors import SoupError
-from search.recipe import RecipeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
@@ -284,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.func(args))
-    except (SoupError, RecipeError, EvaluatorError) as exc:
+    except SoupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable inputs, unwritable output, full disk

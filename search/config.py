@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -347,7 +347,7 @@ def from_hydra(cfg: Any) -> SearchConfig:
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config: {one_line(exc)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError("config: the composed config is not a mapping")
     return from_container(data)  # type: ignore[arg-type]
@@ -447,5 +447,5 @@ def load_saved(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any,
                 raise ConfigError(f"resume override {item!r}: no option {key!r}")
             OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {one_line(exc)}") from None
     return cfg, from_hydra(cfg)

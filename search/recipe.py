@@ -16,7 +16,8 @@ Parameter values are a number or bool, a list of numbers (interpolated across la
 depth), or a list of ``{filter: <substring>, value: <value>}`` conditions where the
 first matching filter wins (an entry without ``filter`` matches every tensor).
 
-This module is the bottom of the house: it imports nothing else from the project.
+This module is the bottom of the house: it imports nothing else from the project but
+:mod:`search.errors` (also plain: it imports nothing).
 Checking values against a method's parameter specs happens in ``search.merge``.
 
 Example:
@@ -41,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from search.errors import SoupError
+
 # Keys of mergekit's configuration that this project reads and writes.
 _TOP_KEYS = {
     "merge_method",
@@ -58,7 +61,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 ParamValue = Any  # float | bool | str | list[float] | list[dict[str, Any]]
 
 
-class RecipeError(ValueError):
+class RecipeError(SoupError, ValueError):
     """A recipe file or mapping is malformed (structure, not parameter ranges)."""
 
 

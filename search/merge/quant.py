@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 
 SCHEMES = ("nf4", "fp4")
 BLOCKSIZE = 64  # bitsandbytes' default for quantize_4bit and Linear4bit
@@ -65,8 +65,7 @@ def _check_scheme(scheme: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no message"
+    return one_line(e, empty="no message")
 
 
 def check_backend(scheme: str, device: torch.device | str) -> None:

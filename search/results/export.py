@@ -136,11 +136,10 @@ def run_parents(study: optuna.Study, recipe: Recipe, cfg: SearchConfig | None,
 def check_recipe(recipe: Recipe, parents: Parents, number: int) -> None:
     """The driver's validation, plus: every model the merge reads is a run parent."""
     from search.merge.plan import MergePlan
-    from search.recipe import RecipeError
 
     try:
         plan = MergePlan.build(recipe)
-    except (SoupError, RecipeError) as exc:
+    except SoupError as exc:
         raise SoupError(f"trial {number}'s recipe is not valid: {exc}") from None
     unknown = [m for m in plan.models if m not in parents.models]
     if unknown:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from search.errors import SoupError
-from search.recipe import ModelEntry, Recipe, RecipeError
+from search.recipe import ModelEntry, Recipe
 
 PARENT, BASE, UNIFORM, GREEDY, GREEDY_STEP, SEED = (
     "parent", "base", "uniform_soup", "greedy_soup", "greedy_step", "seed")
@@ -103,7 +103,7 @@ def load_seeds(paths: Sequence[str], parents: Sequence[str]) -> list[tuple[str, 
                 models=tuple(ModelEntry(model_ref(m.model), m.parameters) for m in raw.models),
                 base_model=model_ref(raw.base_model) if raw.base_model else None)
             plan = MergePlan.build(recipe)
-        except (SoupError, RecipeError) as exc:
+        except SoupError as exc:
             raise SoupError(f"{where}: {exc}") from None
         strangers = [m for m in plan.models if m not in parents]
         if strangers:

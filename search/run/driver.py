@@ -26,7 +26,7 @@ from search import study as st
 from search.config import SearchConfig
 from search.errors import SoupError
 from search.merge.methods import validate_recipe
-from search.recipe import Recipe, RecipeError
+from search.recipe import Recipe
 from search.run import baselines as bl
 from search.run.progress import Progress
 from search.run.space import Space
@@ -267,7 +267,7 @@ class Driver:
             if recipe is None:
                 raise SoupError("an enqueued trial has neither parameters nor a recipe")
             validate_recipe(recipe)
-        except (SoupError, RecipeError) as exc:
+        except SoupError as exc:
             attrs[st.ATTR_RECIPE] = fixed or (recipe.to_dict() if recipe else None)
             attrs[st.ATTR_ERROR] = f"{type(exc).__name__}: {exc}"
             ticket = self.mirror.settle(mem, attrs, claimed, TrialState.FAIL, None)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from search.config import ParallelConfig
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 from search.run.worker import Worker, WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class RayExecutor:
                 result = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as exc:
                 pid = self.pids.pop(actor, None)
-                reason = f"worker process {pid} died: {str(exc).splitlines()[0]}"
+                reason = f"worker process {pid} died: {one_line(exc)}"
                 out.append(Outcome(key, None, died=True, reason=reason))
                 _write_pids(self.run_dir, sorted(self.pids.values()))
                 self._spawn()

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from search.config import ComponentConfig, ConfigError, SearchConfig, save
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 from search.run.baselines import load_seeds
 from search.run.driver import Driver, Summary
 from search.run.space import Space
@@ -43,7 +43,7 @@ def instantiate(comp: ComponentConfig, where: str) -> Any:
             return cls(**comp.kwargs)
     except (TypeError, ValueError, ImportError) as exc:
         raise ConfigError(f"{where}: {comp.target}({', '.join(comp.kwargs)}) failed: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{one_line(exc)}") from None
 
 
 def _built(ref: str) -> bool:

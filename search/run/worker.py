@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.config import TaskConfig
+from search.errors import one_line
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,7 @@ class WorkerSetup:
 
 
 def _error(kind: str, exc: BaseException) -> dict[str, Any]:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-    return {"ok": False, "error": f"{type(exc).__name__}: {text}", "kind": kind}
+    return {"ok": False, "error": one_line(exc, with_type=True), "kind": kind}
 
 
 class Worker:
@@ -106,7 +106,7 @@ class Worker:
     def start(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """Merges ``recipe`` into the resident model and scores the first stage."""
         from search.errors import SoupError
-        from search.recipe import Recipe, RecipeError
+        from search.recipe import Recipe
 
         self._stages = None
         t0 = time.perf_counter()
@@ -116,7 +116,7 @@ class Worker:
             else:
                 model = self.resident.materialize(Recipe.from_dict(recipe))
                 self._stages = self.evaluator.evaluate_stages(model, self.tokenizer)
-        except (SoupError, RecipeError) as exc:
+        except SoupError as exc:
             return _error("candidate", exc)
         except Exception as exc:
             traceback.print_exc()

@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 
 log = logging.getLogger(__name__)
 # user:password@ after the scheme; the password runs to the last "@" (SQLAlchemy takes
@@ -77,7 +77,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(f"storage {redact(url)}: a database driver is missing ({exc.name}); "
                            "pip install 'soupsearch[postgres]'") from None
     except Exception as exc:
-        reason = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else repr(exc)
+        reason = redact(one_line(exc))
         raise StorageError(f"storage {redact(url)} cannot be opened: {reason}") from None
 
 
