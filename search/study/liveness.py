@@ -61,6 +61,27 @@ def leader(study_attrs: dict[str, Any], stale_after_s: float) -> str | None:
     return min(alive)[1] if alive else None
 
 
+def others_alive(study_attrs: dict[str, Any], me: str, stale_after_s: float) -> bool:
+    """Whether a live driver other than ``me`` is registered in ``study_attrs``."""
+    return any(k.startswith("driver.") and k != f"driver.{me}"
+               and driver_alive(study_attrs, k[len("driver."):], stale_after_s)
+               for k in study_attrs)
+
+
+def reseed_if_shared(study: optuna.Study, me: str, stale_after_s: float) -> None:
+    """Reseeds the sampler at random when another driver is live on this study or the
+    study already has trials. Drivers built from the same config share ``seed``, so
+    their samplers would otherwise propose the same candidates at the same time, and a
+    resumed driver would replay its first proposals. A fresh study with one driver keeps
+    the seed, so that search is reproducible. Call it after the driver's first
+    heartbeat: of two drivers starting together, at least the later one sees the other."""
+    others = others_alive(study.user_attrs, me, stale_after_s)
+    if others or study.get_trials(deepcopy=False):
+        study.sampler.reseed_rng()
+        log.info("sampler reseeded: %s", "another driver is live on this study"
+                 if others else "the study already has trials")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

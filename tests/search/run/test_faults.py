@@ -20,6 +20,8 @@ import optuna
 from optuna.trial import TrialState
 
 from search.recipe import Recipe
+from search.study import open_storage
+from tests.search.simulated import TARGET as SIMULATED
 
 ROOT = Path(__file__).resolve().parents[3]
 N_TRIALS = 24
@@ -187,3 +189,40 @@ def test_two_drivers_on_postgresql_with_a_driver_killed(
            for t in study.get_trials()]
     assert len(drivers) >= 2, f"both drivers should have finished trials: {who}"
     assert "soup:soup@" not in resume.stdout + resume.stderr  # the password is never printed
+
+
+def test_two_drivers_on_a_journal_study_evaluate_each_recipe_once(
+        family: dict[str, Path], tmp_path: Path) -> None:
+    """Two drivers start together on one journal study. model_stock has no parameters,
+    so every proposal of it is the same recipe, and candidates take half a second: a
+    recipe another trial is evaluating is waited for, never evaluated twice."""
+    n = 16
+    url = f"journal:///{tmp_path}/study.log"
+    experts = ",".join(str(family[f"expert_{i}"]) for i in range(3))
+    common = [f"storage.url={url}", "parallel=serial", f"models.base={family['base']}",
+              f"models.experts=[{experts}]", "models.build_demo=false", "study_name=faults",
+              f"n_trials={n}", "baselines=false", "space.methods=[model_stock,linear]",
+              "sampler.n_startup_trials=4", "evaluator.tasks=[{name:soup_add,limit:4}]",
+              "evaluator.heldout=[]", f"evaluator._target_={SIMULATED}",
+              "+evaluator.options.sleep_s=0.5"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_start(["search", "--no-progress", f"run_dir={tmp_path / name}", *common], log)
+             for name, log in zip("ab", logs, strict=True)]
+    try:
+        for p, log in zip(procs, logs, strict=True):
+            assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for p in procs:
+            _kill_group(p)
+    trials = optuna.load_study(study_name="faults",
+                               storage=open_storage(url)).get_trials(deepcopy=False)
+    evaluated = Counter(Recipe.from_dict(t.user_attrs["recipe"]).hash() for t in trials
+                        if "scores" in t.user_attrs)
+    assert evaluated and max(evaluated.values()) == 1, evaluated
+    stock = [t for t in trials if t.user_attrs["recipe"]["merge_method"] == "model_stock"]
+    assert len(stock) >= 2, "model_stock was proposed once only: the test proves less"
+    done = [t for t in trials if t.state.is_finished() and not t.user_attrs.get("surplus")
+            and not t.user_attrs.get("requeued")]
+    assert len(done) == n and all(t.state == TrialState.COMPLETE for t in done)
+    drivers = {t.user_attrs["driver"] for t in done}
+    assert len(drivers) == 2, "both drivers should have finished trials"
