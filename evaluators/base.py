@@ -15,16 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from search.errors import SoupError
+from search.errors import SoupError, one_line
 
 
 class EvaluatorError(SoupError, ValueError):
     """A task, metric or document selection that cannot be used (user input)."""
-
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,20 @@ class Scores:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores an in-memory causal LM with its tokenizer."""
+    """Scores an in-memory causal LM with its tokenizer.
+
+    A search's evaluator is the class ``evaluator._target_`` names in the config
+    (default :class:`evaluators.lm_eval.LmEvalEvaluator`). Each worker builds it once,
+    with this constructor contract::
+
+        cls(tasks: Sequence[TaskSpec], *, include_path: Sequence[str] = (),
+            batch_size: int = 64, stages: Sequence[float] = (1.0,), **options)
+
+    where ``options`` are the config's ``evaluator.options``. An evaluator that scores a
+    recipe without a model (a simulation, a surrogate) sets the class attribute
+    ``needs_model = False``: the worker then loads no parents and passes the candidate's
+    :class:`~search.recipe.Recipe` as ``model`` and ``None`` as ``tokenizer``.
+    """
 
     def evaluate(self, model: Any, tokenizer: Any) -> Scores:
         """All documents of every task."""
@@ -98,3 +111,27 @@ class Evaluator(Protocol):
     def evaluate_stages(self, model: Any, tokenizer: Any) -> Iterator[Scores]:
         """Cumulative scores after each stage; stop iterating to prune."""
         ...
+
+
+def evaluator_class(target: str) -> type:
+    """The class a dotted path names, checked to have :meth:`Evaluator.evaluate_stages`.
+
+    Raises:
+        EvaluatorError: the module or class cannot be imported, or it is no evaluator.
+    """
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise EvaluatorError(f"cannot import evaluator {target!r} ({one_line(exc)}); "
+                             "give a class path like evaluators.lm_eval.LmEvalEvaluator, "
+                             "importable where the workers run") from None
+    if not isinstance(cls, type) or not callable(getattr(cls, "evaluate_stages", None)):
+        raise EvaluatorError(f"{target!r} is not an evaluator class (it needs "
+                             "evaluate(model, tokenizer) and evaluate_stages(model, tokenizer))")
+    return cls
+
+
+def needs_model(cls: type) -> bool:
+    """Whether the worker must load the parents and pass the merged model (the default)."""
+    return bool(getattr(cls, "needs_model", True))

@@ -12,11 +12,22 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also in Ray workers, which import SIMULATED from here
+    sys.path.insert(0, str(ROOT))
+
+from search.run.worker import WorkerSetup  # noqa: E402
+from tests.search.simulated import SimulatedEvaluator, simulated  # noqa: E402, F401
+
+# The benchmarks' evaluator target. Ray workers have the running script's folder
+# (scripts/) on their path, so they import it from this module wherever the benchmark
+# was started from; the class itself is the tests' simulated evaluator.
+SIMULATED = "bench_common.SimulatedEvaluator"
 DOC = ROOT / "docs" / "benchmarks.md"
 HEADER = (
     "# Benchmarks\n\n"
@@ -81,3 +92,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def simulated_setup(setup: WorkerSetup, sleep_s: float = 0.0) -> WorkerSetup:
+    """``setup`` with the simulated evaluator: no models, ``sleep_s`` seconds per stage."""
+    return simulated(setup, sleep_s, target=SIMULATED)

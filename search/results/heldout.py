@@ -190,15 +190,15 @@ def _score(worker: Any, c: Candidate, names: list[str]) -> dict[str, Any]:
     """Evaluates one candidate; the record to store (scores, or the error)."""
     t0 = time.perf_counter()
     result = worker.start(c.recipe.to_dict())
-    while result.get("ok") and not result.get("final"):
+    while result.ok and not result.final:
         result = worker.advance()
     record: dict[str, Any] = {"tasks": names, "time_s": round(time.perf_counter() - t0, 4),
                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                   timespec="seconds")}
-    if not result.get("ok"):
-        return {"error": str(result.get("error")), **record}
-    return {"metrics": {k: float(v) for k, v in result["metrics"].items()},
-            "objective": float(result["objective"]), "n_docs": dict(result["n_docs"]),
+    if not result.ok:
+        return {"error": str(result.error), **record}
+    return {"metrics": {k: float(v) for k, v in result.metrics.items()},
+            "objective": float(result.objective), "n_docs": dict(result.n_docs),
             **record}
 
 
@@ -219,7 +219,7 @@ def evaluate_study(study: optuna.Study, setup: WorkerSetup, candidates: Sequence
         bar.set_postfix_str("loading the parents")
         try:
             worker = make_worker(setup)
-            error = worker.ready().get("error")
+            error = worker.ready().error
             if error:
                 raise SoupError(f"evaluation set-up failed: {error}; check the parents the "
                                 "recipes name and the tasks")

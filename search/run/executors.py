@@ -6,8 +6,8 @@ for what came back. A worker process that dies mid-trial comes back as an
 :class:`Outcome` with ``died=True``; the executor replaces the worker by itself.
 
 Example:
-    >>> ex = SerialExecutor(setup)                              # doctest: +SKIP
-    >>> ex.submit(7, recipe.to_dict()); ex.poll(1.0)[0].result["objective"]
+    >>> ex = SerialExecutor(setup)                                      # doctest: +SKIP
+    >>> ex.submit(7, recipe.to_dict()); ex.poll(1.0)[0].result.objective  # doctest: +SKIP
     0.83
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -26,17 +27,17 @@ from typing import Any, Protocol
 
 from search.config import ParallelConfig
 from search.errors import SoupError, one_line
-from search.run.worker import Worker, WorkerSetup
+from search.run.worker import Worker, WorkerInfo, WorkerResult, WorkerSetup
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one worker call gave back for trial ``key``."""
+    """What one worker call gave back for trial ``key`` (``result`` is None if it died)."""
 
     key: int
-    result: dict[str, Any] | None = None
+    result: WorkerResult | None = None
     died: bool = False
     reason: str = ""
 
@@ -57,6 +58,10 @@ class Executor(Protocol):
 
     def poll(self, timeout: float) -> list[Outcome]:
         """Results that arrived within ``timeout`` seconds (maybe none)."""
+        ...
+
+    def close(self) -> None:
+        """Stops the workers; trials in flight are dropped (storage keeps them RUNNING)."""
         ...
 
 
@@ -180,6 +185,31 @@ class RayExecutor:
         """Workers that are up (a replacement counts once it has started)."""
         return len(self.free) + len(self.busy) + len(self.held)
 
+    def _capacity(self, resources: dict[str, float]) -> float:
+        """How many workers ``resources`` hold at once (``inf`` if they need none)."""
+        fits = [math.floor(resources.get(k, 0.0) / need + 1e-9)
+                for k, need in zip(("CPU", "GPU"), self.need, strict=True) if need > 0]
+        return min(fits, default=math.inf)
+
+    def _waiting_line(self, elapsed: float) -> str:
+        """What the workers still starting wait for: their set-up, or room in the cluster.
+
+        Ray places an actor as soon as free resources fit it, so when one more worker
+        fits in the free resources, or the cluster's total holds all of them, every
+        worker is placed and only its set-up (models, tasks) is slow.
+        """
+        free = self.ray.available_resources()
+        wanted = len(self.pids) + len(self.starting)
+        unplaced = 0 if self._capacity(free) >= 1 else \
+            max(0, wanted - self._capacity(self.ray.cluster_resources()))
+        if not unplaced:
+            return (f"waiting {elapsed:.0f} s for {len(self.starting)} of {self.size} "
+                    "workers: placed but still starting (loading the parents and tasks)")
+        return (f"waiting {elapsed:.0f} s for {self.where} to place {unplaced:g} of "
+                f"{self.size} workers (each needs {self.need[0]:g} CPU, {self.need[1]:g} GPU; "
+                f"free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU); lower "
+                "parallel.workers or add nodes if this does not resolve")
+
     def _spawn(self) -> None:
         actor = self._actor_cls.remote(self.setup)
         self.starting[actor.ready.remote()] = actor  # type: ignore[union-attr]
@@ -188,7 +218,8 @@ class RayExecutor:
         """Waits for the first workers; a set-up error is the user's, so it is raised.
 
         Workers Ray cannot place yet (the cluster lacks the resources; an autoscaler may
-        add them) are waited for, with a line every ``report_every`` seconds saying so.
+        add them) or that are placed but slow to set up are waited for, with a line every
+        ``report_every`` seconds saying which.
         """
         t0 = time.monotonic()
         while self.starting:
@@ -197,28 +228,22 @@ class RayExecutor:
             if done:
                 self._collect_ready(done, raise_errors=True)
                 continue
-            free = self.ray.available_resources()
-            print(f"waiting {time.monotonic() - t0:.0f} s for {self.where} to place "
-                  f"{len(self.starting)} of {self.size} workers (each needs "
-                  f"{self.need[0]:g} CPU, {self.need[1]:g} GPU; free now: "
-                  f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU); lower "
-                  "parallel.workers or add nodes if this does not resolve", file=sys.stderr,
-                  flush=True)
+            print(self._waiting_line(time.monotonic() - t0), file=sys.stderr, flush=True)
 
     def _collect_ready(self, refs: list[Any], raise_errors: bool) -> None:
         for ref in refs:
             actor = self.starting.pop(ref)
             try:
-                info = self.ray.get(ref)
+                info: WorkerInfo = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 if raise_errors:
                     raise SoupError(f"a Ray worker could not start: {exc}") from None
                 log.warning("a replacement worker died while starting: %s", exc)
                 self._spawn()
                 continue
-            if info["error"]:
-                raise _setup_error(info["error"])
-            self.pids[actor] = info["pid"]
+            if info.error:
+                raise _setup_error(info.error)
+            self.pids[actor] = info.pid
             self.free.append(actor)
         _write_pids(self.run_dir, sorted(self.pids.values()))
 
@@ -251,7 +276,7 @@ class RayExecutor:
                 continue
             key, actor = self.busy.pop(ref)
             try:
-                result = self.ray.get(ref)
+                result: WorkerResult = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as exc:
                 pid = self.pids.pop(actor, None)
                 reason = f"worker process {pid} died: {one_line(exc)}"
@@ -259,7 +284,7 @@ class RayExecutor:
                 _write_pids(self.run_dir, sorted(self.pids.values()))
                 self._spawn()
                 continue
-            if result.get("ok") and not result.get("final"):
+            if result.ok and not result.final:
                 self.held[key] = actor
             else:
                 self.free.append(actor)
@@ -274,7 +299,7 @@ class RayExecutor:
         self.held.clear()
 
 
-def make_executor(setup: WorkerSetup, cfg: ParallelConfig, run_dir: Path) -> Any:
+def make_executor(setup: WorkerSetup, cfg: ParallelConfig, run_dir: Path) -> Executor:
     """The executor that ``cfg.kind`` names."""
     if cfg.kind == "serial":
         return SerialExecutor(setup, run_dir)

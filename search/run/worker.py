@@ -1,15 +1,19 @@
 """A worker: the parents and one resident model on a device, plus an evaluator.
 
-It is set up once (the expensive part: loading the parents and lm-eval's tasks) and
-then turns recipes into scores. A trial is a short conversation: :meth:`Worker.start`
+It is set up once (the expensive part: loading the parents and the evaluator's tasks)
+and then turns recipes into scores. A trial is a short conversation: :meth:`Worker.start`
 merges the recipe in place and scores the first stage; :meth:`Worker.advance` scores
 the next stage (the driver asks for it only if the pruner lets the trial go on).
-Results are plain dicts, so they cross process boundaries unchanged.
+Each call returns a :class:`WorkerResult`, a frozen dataclass that pickles across
+processes (Ray) unchanged.
+
+The evaluator is the class ``WorkerSetup.evaluator`` names (``evaluator._target_`` in
+the config), built with the contract of :class:`evaluators.base.Evaluator`.
 
 Example:
     >>> w = Worker(WorkerSetup(models=("./base", "./a", "./b"), tasks=(...)))  # doctest: +SKIP
-    >>> w.start(recipe.to_dict())
-    {'ok': True, 'metrics': {...}, 'stage': 0, 'final': True, 'timings': {...}}
+    >>> w.start(recipe.to_dict())                                             # doctest: +SKIP
+    WorkerResult(error=None, kind='', metrics={...}, stage=0, final=True, ...)
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from search.config import TaskConfig
+from search.config import DEFAULT_EVALUATOR, TaskConfig
 from search.errors import one_line
 
 
@@ -32,12 +36,13 @@ class WorkerSetup:
 
     Attributes:
         models: the base first, then the experts (paths or hub ids).
-        tasks: the lm-eval tasks to score.
+        tasks: the tasks to score.
         device, dtype, allow_pickle, trust_remote_code: as in the models config.
         include_path, batch_size, stages, quantize: as in the evaluator config.
         threads: torch threads.
-        simulate_s: for benchmarks only: skip models and tasks and sleep this long per
-            candidate, returning a score computed from the recipe's weights.
+        evaluator: class path of the evaluator (``evaluator._target_``).
+        evaluator_options: extra keyword arguments of its constructor
+            (``evaluator.options``).
     """
 
     models: tuple[str, ...]
@@ -50,12 +55,53 @@ class WorkerSetup:
     batch_size: int = 64
     stages: tuple[float, ...] = (1.0,)
     threads: int = 1
-    simulate_s: float | None = None
     quantize: str | None = None
+    evaluator: str = DEFAULT_EVALUATOR
+    evaluator_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _error(kind: str, exc: BaseException) -> dict[str, Any]:
-    return {"ok": False, "error": one_line(exc, with_type=True), "kind": kind}
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What :meth:`Worker.ready` reports: the process id and a set-up error, if any."""
+
+    pid: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """One stage of one candidate, or why it failed.
+
+    Attributes:
+        error: ``None`` when the stage was scored; else one line, ``Type: message``.
+        kind: for an error, ``candidate`` (the recipe's fault) or ``protocol``.
+        metrics, weights, n_docs: per task, as in :class:`evaluators.base.Scores`.
+        objective: the weighted mean of the metrics.
+        stage: index of the stage these cumulative scores cover.
+        final: whether all stages are included (no :meth:`Worker.advance` follows).
+        timings: seconds: ``merge`` plus the evaluator's ``compute``/``overhead``/``total``.
+    """
+
+    error: str | None = None
+    kind: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    n_docs: dict[str, int] = field(default_factory=dict)
+    objective: float = math.nan
+    stage: int = 0
+    final: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the stage was scored."""
+        return self.error is None
+
+    @classmethod
+    def failed(cls, kind: str, error: str | BaseException) -> WorkerResult:
+        """A failed call; an exception becomes one line with its type."""
+        text = error if isinstance(error, str) else one_line(error, with_type=True)
+        return cls(error=text, kind=kind)
 
 
 class Worker:
@@ -64,103 +110,102 @@ class Worker:
     def __init__(self, setup: WorkerSetup) -> None:
         self.setup = setup
         self.init_error: str | None = None
+        self.resident: Any = None
+        self.tokenizer: Any = None
+        self.evaluator: Any = None
         self._stages: Iterator[Any] | None = None
         self._merge_s = 0.0
         try:
             self._load()
         except Exception as exc:  # reported by ready(), never raised across processes
-            self.init_error = _error("setup", exc)["error"]
+            self.init_error = one_line(exc, with_type=True)
 
     def _load(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.setup.threads)
-        if self.setup.simulate_s is not None:
-            return
         import contextlib
         import io
+
+        import torch
+
+        from evaluators.base import TaskSpec, evaluator_class, needs_model
+
+        torch.set_num_threads(self.setup.threads)
+        s = self.setup
+        cls = evaluator_class(s.evaluator)
+        if needs_model(cls):
+            self._load_parents()
+        specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in s.tasks]
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-task progress bars
+            self.evaluator = cls(specs, include_path=s.include_path, batch_size=s.batch_size,
+                                 stages=s.stages, **s.evaluator_options)
+
+    def _load_parents(self) -> None:
         import logging
 
         from transformers import AutoTokenizer
 
-        from evaluators.base import TaskSpec
-        from evaluators.lm_eval import LmEvalEvaluator
         from search.merge.resident import ResidentModel, ResidentParents
 
         logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
         s = self.setup
-        self.parents = ResidentParents(list(s.models), device=s.device, dtype=s.dtype,
-                                       allow_pickle=s.allow_pickle)
-        self.resident = ResidentModel(self.parents, quantize=s.quantize)
+        parents = ResidentParents(list(s.models), device=s.device, dtype=s.dtype,
+                                  allow_pickle=s.allow_pickle)
+        self.resident = ResidentModel(parents, quantize=s.quantize)
         self.tokenizer = AutoTokenizer.from_pretrained(
-            self.parents.folder, trust_remote_code=s.trust_remote_code)
-        specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in s.tasks]
-        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-task progress bars
-            self.evaluator = LmEvalEvaluator(specs, include_path=s.include_path,
-                                             batch_size=s.batch_size, stages=s.stages)
+            parents.folder, trust_remote_code=s.trust_remote_code)
 
-    def ready(self) -> dict[str, Any]:
-        """``{"pid": ..., "error": None | str}`` once set-up has finished."""
-        return {"pid": os.getpid(), "error": self.init_error}
+    def ready(self) -> WorkerInfo:
+        """The process id and the set-up error (``None`` when set-up succeeded)."""
+        return WorkerInfo(os.getpid(), self.init_error)
 
-    def start(self, recipe: dict[str, Any]) -> dict[str, Any]:
-        """Merges ``recipe`` into the resident model and scores the first stage."""
+    def start(self, recipe: dict[str, Any]) -> WorkerResult:
+        """Merges ``recipe`` into the resident model and scores the first stage.
+
+        An evaluator that needs no model (``needs_model = False``) gets the
+        :class:`~search.recipe.Recipe` itself and no tokenizer.
+        """
         from search.errors import SoupError
         from search.recipe import Recipe
 
         self._stages = None
         t0 = time.perf_counter()
         try:
-            if self.setup.simulate_s is not None:
-                self._stages = self._simulated(Recipe.from_dict(recipe))
+            candidate = Recipe.from_dict(recipe)
+            if self.resident is None:
+                self._stages = self.evaluator.evaluate_stages(candidate, None)
             else:
-                model = self.resident.materialize(Recipe.from_dict(recipe))
+                model = self.resident.materialize(candidate)
                 self._stages = self.evaluator.evaluate_stages(model, self.tokenizer)
         except SoupError as exc:
-            return _error("candidate", exc)
+            return WorkerResult.failed("candidate", exc)
         except Exception as exc:
             traceback.print_exc()
-            return _error("candidate", exc)
+            return WorkerResult.failed("candidate", exc)
         self._merge_s = time.perf_counter() - t0
         return self.advance()
 
-    def advance(self) -> dict[str, Any]:
+    def advance(self) -> WorkerResult:
         """Scores the next stage of the current candidate."""
         if self._stages is None:
-            return {"ok": False, "error": "no candidate in progress", "kind": "protocol"}
+            return WorkerResult.failed("protocol", "no candidate in progress")
         try:
             scores = next(self._stages)
         except Exception as exc:
             traceback.print_exc()
             self._stages = None
-            return _error("candidate", exc)
+            return WorkerResult.failed("candidate", exc)
         bad = [t for t, v in scores.metrics.items() if not math.isfinite(v)]
         if bad:
             self._stages = None
-            return {"ok": False, "kind": "candidate",
-                    "error": f"NonFiniteScore: task {bad[0]} scored {scores.metrics[bad[0]]}"}
+            return WorkerResult.failed(
+                "candidate", f"NonFiniteScore: task {bad[0]} scored {scores.metrics[bad[0]]}")
         if scores.final:
             self._stages = None
-        timings = {"merge": self._merge_s, **scores.timings}
-        return {"ok": True, "metrics": scores.metrics, "weights": scores.weights,
-                "n_docs": scores.n_docs, "stage": scores.stage, "final": scores.final,
-                "objective": scores.objective, "timings": timings}
+        return WorkerResult(
+            metrics=dict(scores.metrics), weights=dict(scores.weights),
+            n_docs=dict(scores.n_docs), objective=float(scores.objective),
+            stage=scores.stage, final=scores.final,
+            timings={"merge": self._merge_s, **scores.timings})
 
     def abandon(self) -> None:
         """Drops the current candidate (pruned)."""
         self._stages = None
-
-    def _simulated(self, recipe: Any) -> Iterator[Any]:
-        from evaluators.base import Scores
-
-        n = len(self.setup.stages)
-        step = float(self.setup.simulate_s or 0.0) / n
-        weights = {t.name: t.weight for t in self.setup.tasks}
-        for i in range(n):
-            time.sleep(step)
-            ws = [float(v) for m in recipe.models for k, v in m.parameters.items()
-                  if k == "weight" and not isinstance(v, list)]
-            value = 1.0 - sum((w - 0.5) ** 2 for w in ws) / max(1, len(ws))
-            yield Scores({t: value for t in weights}, weights, {t: 1 for t in weights},
-                         {"compute": step, "overhead": 0.0, "total": step},
-                         stage=i, final=i == n - 1)
