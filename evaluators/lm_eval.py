@@ -40,10 +40,21 @@ class _QuietCustomDataset(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+def _quiet() -> None:
+    quiet = _QuietCustomDataset()
+    logging.getLogger("lm_eval").addFilter(quiet)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+
+
 def task_manager(names: Sequence[str], include_path: Sequence[str | Path] = ()) -> Any:
     """A TaskManager that knows ``names``; the built-in index is read only if needed."""
     from lm_eval.tasks import TaskManager
 
+    for path in include_path:
+        if not Path(path).is_dir():
+            raise EvaluatorError(f"evaluator.include_path: {str(path)!r} is not a folder; give "
+                                 "folders of lm-eval task YAMLs, or leave it out")
     paths = [str(SHIPPED_TASKS), *(str(p) for p in include_path)]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not all(n in manager.all_tasks for n in names):
@@ -55,6 +66,21 @@ def task_manager(names: Sequence[str], include_path: Sequence[str | Path] = ()) 
             raise EvaluatorError(f"unknown lm-eval task {n!r}; {hint}add its YAML folder to "
                                  "the include path or check the name")
     return manager
+
+
+def check_tasks(tasks: Sequence[TaskSpec], include_path: Sequence[str | Path] = (),
+                heldout: Sequence[str] = ()) -> None:
+    """Checks, before any worker starts, that the include paths are folders, that every
+    task (and held-out task) exists, and that each search task has its metric.
+
+    Raises:
+        EvaluatorError: naming the path, task or metric, and how to fix it.
+    """
+    _quiet()
+    manager = task_manager([*(t.name for t in tasks), *heldout], include_path)
+    loaded = manager.load([t.name for t in tasks])["tasks"]
+    for spec in tasks:
+        _metric_of(spec, loaded[spec.name])
 
 
 def _doc_ids(spec: TaskSpec, n_docs: int) -> list[int]:
@@ -125,6 +151,8 @@ class LmEvalEvaluator:
         stages: cumulative fractions of each task's documents, e.g. ``(0.25, 1.0)``.
     """
 
+    check_tasks = staticmethod(check_tasks)  # the driver's check before workers start
+
     def __init__(self, tasks: Sequence[TaskSpec], *, include_path: Sequence[str | Path] = (),
                  batch_size: int = 64, stages: Sequence[float] = (1.0,)) -> None:
         if not tasks:
@@ -136,10 +164,7 @@ class LmEvalEvaluator:
             raise EvaluatorError("a task is listed twice; list each task once")
         self.specs = list(tasks)
         self.batch_size = batch_size
-        quiet = _QuietCustomDataset()
-        logging.getLogger("lm_eval").addFilter(quiet)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(quiet)
+        _quiet()
         t0 = time.perf_counter()
         self.manager = task_manager(names, include_path)
         self.stages = [self._build_stage(i, len(stages), stages) for i in range(len(stages))]

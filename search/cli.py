@@ -274,7 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``soup`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after the flags too: soup resume RUN --no-progress n_trials=50
+    flags = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # the run folder's log keeps INFO

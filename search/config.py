@@ -5,12 +5,13 @@ This is the only module that imports omegaconf or hydra. Everything below it tak
 
 Example:
     >>> cfg = compose(["experiment=demo", "n_trials=20"])   # doctest: +SKIP
-    >>> cfg.n_trials, cfg.sampler.target
+    >>> cfg.n_trials, cfg.sampler.target                     # doctest: +SKIP
     (20, 'search.study.sampler.ConditionalTPESampler')
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -23,6 +24,7 @@ from search.errors import SoupError, one_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_EVALUATOR = "evaluators.lm_eval.LmEvalEvaluator"
 
 
 class ConfigError(SoupError):
@@ -87,7 +89,12 @@ class TaskConfig:
 @dataclass(frozen=True)
 class EvaluatorConfig:
     """How candidates are scored: search tasks, held-out tasks, stages, batch size, and
-    ``quantize`` (``nf4``/``fp4``: evaluate each candidate with 4-bit linear layers)."""
+    ``quantize`` (``nf4``/``fp4``: evaluate each candidate with 4-bit linear layers).
+
+    ``target`` (``_target_`` in YAML) is the evaluator class, built in each worker as
+    ``target(tasks, include_path=, batch_size=, stages=, **options)`` (the contract of
+    :class:`evaluators.base.Evaluator`).
+    """
 
     tasks: tuple[TaskConfig, ...]
     heldout: tuple[TaskConfig, ...] = ()
@@ -95,6 +102,8 @@ class EvaluatorConfig:
     batch_size: int = 64
     stages: tuple[float, ...] = (1.0,)
     quantize: str | None = None
+    target: str = DEFAULT_EVALUATOR
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,43 @@ def _tasks(value: Any, where: str) -> tuple[TaskConfig, ...]:
     return tuple(_task(v, f"{where}[{i}]") for i, v in enumerate(value))
 
 
+def _evaluator(value: Any, where: str) -> EvaluatorConfig:
+    """The evaluator config; its ``_target_`` must import and take ``options``."""
+    import inspect
+
+    from evaluators.base import evaluator_class
+
+    data = dict(_mapping(value, where))
+    target = data.pop("_target_", DEFAULT_EVALUATOR)
+    if "target" in data:
+        raise ConfigError(f"{where}.target: unknown option; did you mean '_target_'?")
+    ev = _build(EvaluatorConfig, data, where, {
+        "tasks": _tasks, "heldout": _tasks, "include_path": _tuple_of_str, "stages": _stages,
+        "options": lambda v, w: dict(_mapping(v, w))})
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"{where}._target_: expected a class path like "
+                          f"{DEFAULT_EVALUATOR}, got {target!r}")
+    try:
+        cls = evaluator_class(target)
+    except SoupError as exc:
+        raise ConfigError(f"{where}._target_: {exc}") from None
+    try:
+        inspect.signature(cls).bind((), include_path=(), batch_size=1, stages=(1.0,),
+                                    **ev.options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}.options: {target} does not take them ({exc}); see its "
+                          "constructor for the options it accepts") from None
+    return dataclasses.replace(ev, target=target)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
 def _component(value: Any, where: str) -> ComponentConfig:
     if value is None:
         return ComponentConfig(None)
@@ -286,6 +332,10 @@ def _check(cfg: SearchConfig) -> SearchConfig:
                           "precision), nf4 or fp4 (4-bit evaluation with bitsandbytes)")
     if cfg.models.base in cfg.models.experts:
         raise ConfigError(f"models.base {cfg.models.base!r} is also listed in models.experts")
+    twice = next((e for i, e in enumerate(cfg.models.experts) if e in cfg.models.experts[:i]),
+                 None)
+    if twice is not None:
+        raise ConfigError(f"models.experts lists {twice!r} twice; list each model once")
     if not cfg.space.methods:
         raise ConfigError("space.methods is empty; list at least one merge method")
     for name in cfg.space.methods:
@@ -330,9 +380,7 @@ def from_container(data: Mapping[str, Any]) -> SearchConfig:
             "methods": _tuple_of_str, "params": lambda x, _: dict(x or {})}),
         "sampler": _component,
         "pruner": _component,
-        "evaluator": lambda v, w: _build(EvaluatorConfig, v, w, {
-            "tasks": _tasks, "heldout": _tasks, "include_path": _tuple_of_str,
-            "stages": _stages}),
+        "evaluator": _evaluator,
         "storage": lambda v, w: _build(StorageConfig, v, w),
         "parallel": lambda v, w: _build(ParallelConfig, v, w),
     }

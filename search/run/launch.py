@@ -12,7 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -23,6 +23,10 @@ from search.run.driver import Driver, Summary
 from search.run.space import Space
 from search.run.worker import WorkerSetup
 from search.study import open_study, redact
+from search.study.storage import check_storage, check_writable
+
+if TYPE_CHECKING:
+    from search.run.executors import Executor
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,8 @@ def worker_setup(cfg: SearchConfig, tasks: Any = None) -> WorkerSetup:
         dtype=m.dtype, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
         include_path=ev.include_path, batch_size=ev.batch_size,
         stages=ev.stages if tasks is None else (1.0,),
-        threads=cfg.parallel.threads_per_worker, quantize=ev.quantize)
+        threads=cfg.parallel.threads_per_worker, quantize=ev.quantize,
+        evaluator=ev.target, evaluator_options=dict(ev.options))
 
 
 def _check_parents(cfg: SearchConfig) -> None:
@@ -111,50 +116,82 @@ def _logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def open_search_study(cfg: SearchConfig, space: Space | None = None) -> optuna.Study:
-    """The config's study with its sampler and pruner (created when new)."""
-    sampler = instantiate(cfg.sampler, "sampler")
-    pruner = instantiate(cfg.pruner, "pruner")
-    if space is not None and space.has_categorical and cfg.sampler.target and \
-            cfg.sampler.target.endswith("CmaEsSampler"):
+def _check_sampler(sampler: Any, space: Space | None) -> None:
+    if space is not None and space.has_categorical and \
+            isinstance(sampler, optuna.samplers.CmaEsSampler):
         raise ConfigError("sampler=cmaes cannot sample categorical choices (the merge "
                           "method, model subsets, booleans); fix one method, e.g. "
                           "space=ties, or use sampler=tpe")
+
+
+def _check_tasks(cfg: SearchConfig) -> None:
+    """The evaluator's own check of tasks, metrics and include paths, if it has one."""
+    from evaluators.base import TaskSpec, evaluator_class
+
+    ev = cfg.evaluator
+    check = getattr(evaluator_class(ev.target), "check_tasks", None)
+    if check is not None:
+        specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in ev.tasks]
+        check(specs, ev.include_path, [t.name for t in ev.heldout])
+
+
+def check_inputs(cfg: SearchConfig) -> Space:
+    """Checks what a search reads (parents, space, sampler, tasks, metrics, include paths,
+    storage) before anything is written and before any worker starts; returns the space."""
+    ensure_demo_models(cfg)
+    _check_parents(cfg)
+    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
+    _check_sampler(instantiate(cfg.sampler, "sampler"), space)
+    instantiate(cfg.pruner, "pruner")
+    _check_tasks(cfg)
+    check_storage(cfg.storage.url)
+    return space
+
+
+def open_search_study(cfg: SearchConfig, space: Space | None = None) -> optuna.Study:
+    """The config's study with its sampler and pruner (created when new), checked to be
+    writable."""
+    sampler = instantiate(cfg.sampler, "sampler")
+    pruner = instantiate(cfg.pruner, "pruner")
+    _check_sampler(sampler, space)
     n = len(cfg.evaluator.tasks) if cfg.multi_objective else 1
     study = open_study(cfg.storage.url, cfg.study_name, ["maximize"] * n, sampler, pruner)
     meta = {"tasks": [t.name for t in cfg.evaluator.tasks], "objective": cfg.objective,
             "base": cfg.models.base, "experts": list(cfg.models.experts)}
     stored = study.user_attrs.get("search")
-    if stored is None:
-        study.set_user_attr("search", meta)
-    elif stored.get("tasks") != meta["tasks"] or stored.get("experts") != meta["experts"]:
+    if stored is not None and (stored.get("tasks") != meta["tasks"]
+                               or stored.get("experts") != meta["experts"]):
         raise ConfigError(f"study {cfg.study_name!r} was started with other tasks or experts "
                           f"({stored.get('tasks')}, {stored.get('experts')}); use a new "
                           "study_name or the original models/evaluator")
+    check_writable(study, cfg.storage.url)
+    if stored is None:
+        study.set_user_attr("search", meta)
     return study
 
 
 def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = True,
-               executor: Any = None) -> tuple[optuna.Study, Summary]:
-    """Runs (or resumes) the search ``cfg`` describes until its budget is spent."""
+               executor: Executor | None = None) -> tuple[optuna.Study, Summary]:
+    """Runs (or resumes) the search ``cfg`` describes until its budget is spent.
+
+    A bad input fails before the run folder, its files or the study are written.
+    """
+    space = check_inputs(cfg)
+    study = open_search_study(cfg, space)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if raw is not None:
         save(raw, cfg.run_dir / "config.yaml")
     handler = _logging(cfg.run_dir)
     try:
-        return _run(cfg, show_progress, executor)
+        return _run(cfg, study, space, show_progress, executor)
     finally:
         for name in ("search", "optuna"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: SearchConfig, show_progress: bool, executor: Any
-         ) -> tuple[optuna.Study, Summary]:
-    ensure_demo_models(cfg)
-    _check_parents(cfg)
-    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
-    study = open_search_study(cfg, space)
+def _run(cfg: SearchConfig, study: optuna.Study, space: Space, show_progress: bool,
+         executor: Executor | None) -> tuple[optuna.Study, Summary]:
     if cfg.seeds and not study.user_attrs.get("baselines.enqueued"):
         load_seeds(cfg.seeds, (cfg.models.base, *cfg.models.experts))  # before workers start
     log.info("study %s in %s", cfg.study_name, redact(cfg.storage.url))

@@ -67,8 +67,8 @@ def test_experiment_composes(name: str) -> None:
     assert cfg.parallel.workers == data["parallel"]["workers"]
     expected: dict[str, tuple[Any, ...]] = {
         "demo": ("mean", "search.study.sampler.ConditionalTPESampler", None, (1.0,)),
-        "demo_cmaes": ("mean", "optuna.samplers.CmaEsSampler", None, (1.0,)),
-        "demo_pareto": ("per_task", "optuna.samplers.NSGAIISampler", None, (1.0,)),
+        "demo_cmaes": ("mean", "search.study.params_only.CmaEsSampler", None, (1.0,)),
+        "demo_pareto": ("per_task", "search.study.params_only.NSGAIISampler", None, (1.0,)),
         "demo_pruned": ("mean", "search.study.sampler.ConditionalTPESampler",
                         "optuna.pruners.MedianPruner", (0.25, 1.0)),
     }
@@ -410,3 +410,52 @@ def test_resume_from_another_folder_keeps_model_paths(tmp_path: Path,
     _, resumed = config.load_saved(tmp_path / "run")
     assert resumed.run_dir == first.run_dir
     assert resumed.models == first.models
+
+
+def test_evaluator_target_defaults_to_lm_eval(composed: dict[str, Any]) -> None:
+    """The shipped evaluator is lm-eval's adapter; a saved config without ``_target_``
+    (run folders from before it existed) gets the same default."""
+    cfg = config.from_container(composed)
+    assert cfg.evaluator.target == config.DEFAULT_EVALUATOR == \
+        "evaluators.lm_eval.LmEvalEvaluator"
+    assert cfg.evaluator.options == {}
+    old = copy.deepcopy(composed)
+    del old["evaluator"]["_target_"], old["evaluator"]["options"]
+    assert config.from_container(old).evaluator == cfg.evaluator
+
+
+def test_evaluator_target_and_options_from_overrides() -> None:
+    """``evaluator._target_`` picks the class and ``+evaluator.options.X`` its arguments;
+    the worker set-up carries both."""
+    from search.run.launch import worker_setup
+    from tests.search.simulated import OVERRIDES, TARGET
+
+    cfg = compose([*OVERRIDES, "+evaluator.options.sleep_s=0.5"])
+    assert (cfg.evaluator.target, dict(cfg.evaluator.options)) == (TARGET, {"sleep_s": 0.5})
+    setup = worker_setup(cfg)
+    assert (setup.evaluator, dict(setup.evaluator_options)) == (TARGET, {"sleep_s": 0.5})
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["evaluator._target_=nowhere.Evaluator"],
+     ["evaluator._target_", "cannot import evaluator 'nowhere.Evaluator'", "No module named"]),
+    (["evaluator._target_=evaluators.lm_eval.NoSuchEvaluator"],
+     ["evaluator._target_", "'evaluators.lm_eval.NoSuchEvaluator'"]),
+    (["evaluator._target_=evaluators.lm_eval.task_manager"],
+     ["evaluator._target_", "is not an evaluator class"]),
+    (["evaluator._target_=''"], ["evaluator._target_", "class path"]),
+    (["evaluator.options={seed: 1}"],
+     ["evaluator.options", "LmEvalEvaluator does not take them", "'seed'"]),
+    (["evaluator.options=3"], ["evaluator.options", "mapping"]),
+    (["evaluator.target=x.Y"], ["evaluator.target", "did you mean '_target_'"]),
+])
+def test_bad_evaluator_gives_one_line_config_error(composed: dict[str, Any],
+                                                    overrides: list[str],
+                                                    needles: list[str]) -> None:
+    """A bad evaluator class or option fails conversion (before anything starts) with one
+    ConfigError line that names the option."""
+    with pytest.raises(ConfigError) as info:
+        _convert(composed, overrides)
+    message = _one_line(info)
+    for needle in needles:
+        assert needle in message, (needle, message)
