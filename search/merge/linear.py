@@ -11,7 +11,7 @@ from search.merge import ops
 from search.merge.spec import MergeMethod, ParamSpec
 
 WEIGHT = ParamSpec("weight", None, per_model=True, required=True, search=(0.0, 1.0),
-                   doc="mixing weight of this model")
+                   doc="mixing weight of this model", symbol="w", left_out=0.0)
 NORMALIZE_TRUE = ParamSpec("normalize", True, kind="bool", per_layer=False,
                            doc="divide by the sum of the weights")
 
@@ -76,7 +76,7 @@ METHODS = (
     MergeMethod(
         "slerp", slerp,
         (ParamSpec("t", None, required=True, low=0.0, high=1.0, search=(0.0, 1.0),
-                   doc="interpolation factor: 0 = base, 1 = the other model"),),
+                   doc="interpolation factor: 0 = base, 1 = the other model", symbol="t"),),
         base="required", min_models=1, max_models=1,
         summary="Spherical interpolation between the base and one other model.",
         formula="θ = sin((1-t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ₁,  cos Ω = ⟨θ̂_base, θ̂₁⟩ "
@@ -85,7 +85,7 @@ METHODS = (
     MergeMethod(
         "nuslerp", nuslerp,
         (ParamSpec("weight", None, per_model=True, required=True, search=(0.0, 1.0),
-                   doc="relative weight; t = w₁ / (w₀ + w₁)"),
+                   doc="relative weight; t = w₁ / (w₀ + w₁)", symbol="w", left_out=0.0),
          ParamSpec("nuslerp_flatten", True, kind="bool", per_layer=False,
                    doc="treat each tensor as one vector"),
          ParamSpec("nuslerp_row_wise", False, kind="bool", per_layer=False,

@@ -17,7 +17,7 @@ from typing import Any
 
 from search.errors import InvalidRecipeError
 from search.merge import linear, model_stock, task_arithmetic
-from search.merge.spec import MergeMethod
+from search.merge.spec import MergeMethod, ParamSpec
 from search.recipe import ModelEntry, Recipe
 
 REGISTRY: dict[str, MergeMethod] = {
@@ -26,7 +26,28 @@ REGISTRY: dict[str, MergeMethod] = {
 
 
 _ALL_PARAMS = {p.name for m in REGISTRY.values() for p in m.params}
+# The first registered spec of each parameter name; methods that share a name share its
+# symbol and left-out value (tests/search/merge/test_param_display.py checks this).
+_BY_NAME: dict[str, ParamSpec] = {}
+for _m in REGISTRY.values():
+    for _p in _m.params:
+        _BY_NAME.setdefault(_p.name, _p)
 log = logging.getLogger(__name__)
+
+
+def param_spec(method: str, name: str) -> ParamSpec | None:
+    """The spec of parameter ``name`` of ``method``, for showing a stored recipe.
+
+    A recipe may carry a parameter its method ignores (mergekit allows that), and a study
+    may hold a method this version no longer has: then the spec of that name of any
+    method answers, and ``None`` when no method has such a parameter.
+
+    Example:
+        >>> param_spec("ties", "lambda").label, param_spec("ties", "epsilon").label
+        ('λ', 'ε')
+    """
+    own = REGISTRY[method].spec(name) if method in REGISTRY else None
+    return own or _BY_NAME.get(name)
 
 
 def get_method(name: str) -> MergeMethod:

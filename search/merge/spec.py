@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,12 @@ class ParamSpec:
         per_layer: may vary across depth (gradient list) or by tensor filter.
         search: the range a search samples from by default; ``None`` = not searched.
         doc: one line for the docs.
+        symbol: the short name that leaderboards and reports print (``w``, ``λ``);
+            empty: the name itself (see :attr:`label`).
+        left_out: for a per-model parameter, the value that leaves a model out of the
+            merge (a weight of 0): an expert missing from a recipe has this value.
+            ``None``: no value does, so a recipe that omits a model is not the same
+            merge as one that lists it with some value.
     """
 
     name: str
@@ -46,6 +52,13 @@ class ParamSpec:
     per_layer: bool = True
     search: tuple[float, float] | None = None
     doc: str = ""
+    symbol: str = ""
+    left_out: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The symbol, or the name when the spec declares none."""
+        return self.symbol or self.name
 
     def range_text(self) -> str:
         """The valid range in interval notation, e.g. ``(0, 1]``."""
@@ -115,3 +128,11 @@ class MergeMethod:
     def spec(self, name: str) -> ParamSpec | None:
         """The spec called ``name``, if any."""
         return next((p for p in self.params if p.name == name), None)
+
+    def normalizes(self, parameters: Mapping[str, Any]) -> bool:
+        """Whether a recipe with these global ``parameters`` divides by the plain sum of
+        the weights (``normalize_sum`` with ``normalize`` on), so that scaling every
+        weight alike, or a lone model's weight, changes nothing."""
+        spec = self.spec("normalize")
+        return self.normalize_sum and spec is not None and \
+            parameters.get("normalize", spec.default) is True

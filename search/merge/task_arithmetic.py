@@ -22,18 +22,20 @@ from search.merge import ops
 from search.merge.spec import MergeMethod, ParamSpec
 
 WEIGHT = ParamSpec("weight", None, per_model=True, required=True, search=(0.0, 1.0),
-                   doc="scale of this model's task vector")
+                   doc="scale of this model's task vector", symbol="w", left_out=0.0)
 DENSITY = ParamSpec("density", 1.0, per_model=True, low=0.0, low_open=True, high=1.0,
-                    search=(0.1, 1.0), doc="fraction of each task vector's entries kept")
+                    search=(0.1, 1.0), doc="fraction of each task vector's entries kept",
+                    symbol="d")
 GAMMA = ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0, search=(0.0, 0.1),
-                  doc="fraction of largest-magnitude entries dropped as outliers")
+                  doc="fraction of largest-magnitude entries dropped as outliers", symbol="γ")
 EPSILON = ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=0.5, search=(0.01, 0.1),
-                    doc="half-width of the keep-probability range around density")
+                    doc="half-width of the keep-probability range around density",
+                    symbol="ε")
 # DELLA needs density ± epsilon inside (0, 1): its searched densities stay clear of the ends.
 DELLA_DENSITY = ParamSpec("density", 1.0, per_model=True, low=0.0, low_open=True, high=1.0,
-                          search=(0.15, 0.85), doc=DENSITY.doc)
+                          search=(0.15, 0.85), doc=DENSITY.doc, symbol=DENSITY.symbol)
 LAMBDA = ParamSpec("lambda", 1.0, search=(0.3, 1.5),
-                   doc="scale of the merged task vector")
+                   doc="scale of the merged task vector", symbol="λ")
 INT8_MASK = ParamSpec("int8_mask", False, kind="bool", per_layer=False,
                       doc="accepted for mergekit compatibility (memory hint, no effect on values)")
 

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,9 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from search import study as st
+from search.names import name_map
 from search.recipe import Recipe
+from search.results.leaderboard import Leaderboard
 
 if TYPE_CHECKING:
     from search.config import SearchConfig
@@ -43,6 +44,7 @@ class CardFacts:
     executor: str = "streaming"
     device: str = "auto"
     run_device: str | None = None
+    names: dict[str, str] = field(default_factory=dict)  # short names, as the leaderboard's
 
     @property
     def objective(self) -> float | None:
@@ -73,6 +75,7 @@ class CardFacts:
             completed_at=done.isoformat(timespec="seconds") if done else None,
             executor=how[0], device=how[1],
             run_device=cfg.models.device if cfg is not None else None,
+            names=Leaderboard.from_study(study).names,
         )
 
 
@@ -160,10 +163,12 @@ def _found(f: CardFacts) -> str:
 def model_card(f: CardFacts) -> str:
     """The README.md text: front matter, parents, recipe, scores, provenance."""
     r = f.recipe
+    models = list(dict.fromkeys([*([r.base_model] if r.base_model else []), *r.model_names]))
+    names = f.names if all(m in f.names for m in models) else name_map(r.model_names, models)
     parents = []
-    for m in dict.fromkeys([*([r.base_model] if r.base_model else []), *r.model_names]):
+    for m in models:
         role = "base" if m == r.base_model else "expert"
-        parents.append(f"- `{m}` ({role}; `{os.path.basename(m.rstrip('/'))}`)")
+        parents.append(f"- `{m}` ({role}; `{names[m]}`)")
     return (
         _front_matter(f)
         + f"\n# {f.study_name}, trial {f.trial}: {r.merge_method} merge\n\n"

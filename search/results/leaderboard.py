@@ -7,7 +7,7 @@ weighted mean. The footer (and the JSON's ``columns``) says which columns are wh
 
 Example:
     >>> board = Leaderboard.from_study(study)                  # doctest: +SKIP
-    >>> print(board.render("table", top=10))
+    >>> print(board.render("table", top=10))                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +23,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import study as st
+from search.names import name_map
 from search.recipe import Recipe
 
-SYMBOL = {"lambda": "λ", "weight": "w", "density": "d", "epsilon": "ε", "gamma": "γ", "t": "t"}
 FORMATS = ("table", "csv", "json", "markdown")
 
 
@@ -41,24 +40,27 @@ def _fmt(value: Any) -> str:
 
 
 def short_params(recipe: Recipe) -> str:
-    """``w=0.52/0.31 d=0.50/0.70 λ=1.12``: per-model values joined by ``/``."""
+    """``w=0.52/0.31 d=0.50/0.70 λ=1.12``: per-model values joined by ``/``, by the specs'
+    symbols; a lone model's weight is left out where normalizing cancels it (a parent)."""
+    from search.merge.methods import REGISTRY, param_spec  # torch: not at module import
+
+    method = REGISTRY.get(recipe.merge_method)
+    cancels = len(recipe.models) == 1 and method is not None \
+        and method.normalizes(recipe.parameters)
     parts = []
     per_model: dict[str, list[str]] = {}
     for m in recipe.models:
         for k, v in m.parameters.items():
             per_model.setdefault(k, []).append(_fmt(v))
-    n = len(recipe.models)
     for k, vals in per_model.items():
-        if n == 1 and k == "weight":
+        spec = param_spec(recipe.merge_method, k)
+        if cancels and spec is not None and spec.left_out is not None:
             continue
-        parts.append(f"{SYMBOL.get(k, k)}={'/'.join(vals)}")
+        parts.append(f"{spec.label if spec else k}={'/'.join(vals)}")
     for k, v in recipe.parameters.items():
-        parts.append(f"{SYMBOL.get(k, k)}={_fmt(v)}")
+        spec = param_spec(recipe.merge_method, k)
+        parts.append(f"{spec.label if spec else k}={_fmt(v)}")
     return " ".join(parts)
-
-
-def _models_text(recipe: Recipe) -> str:
-    return "+".join(os.path.basename(m.model.rstrip("/")) for m in recipe.models)
 
 
 TEST = "test:"  # prefix of the held-out columns
@@ -75,6 +77,7 @@ class Leaderboard:
         heldout: the held-out tasks that ``soup evaluate`` scored, in first-seen order.
         counts: trials by outcome (see :func:`search.study.counts`), plus ``duplicates``.
         failures: the most common failure reasons of failed trials, with counts.
+        names: each model's short name, as the ``models`` column shows it.
     """
 
     rows: list[dict[str, Any]]
@@ -82,6 +85,7 @@ class Leaderboard:
     heldout: list[str]
     counts: dict[str, int]
     failures: list[tuple[str, int]] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_study(cls, study: optuna.Study, sort: str | None = None) -> Leaderboard:
@@ -92,8 +96,12 @@ class Leaderboard:
         tasks = list(attrs.get("search", {}).get("tasks", []))
         greedy = (attrs.get("baselines.greedy") or {}).get("trial")
         held = st.heldout_scores(attrs)
-        rows = [_row(t, greedy, held.get(t.number)) for t in trials
+        done = [(t, Recipe.from_dict(t.user_attrs[st.ATTR_RECIPE])) for t in trials
                 if t.state == TrialState.COMPLETE and t.user_attrs.get("duplicate_of") is None]
+        meta = attrs.get("search") or {}  # experts first: they keep the space's names
+        others = [str(meta.get("base") or ""), *(m for _, r in done for m in r.model_names)]
+        names = name_map([str(e) for e in meta.get("experts") or []], filter(None, others))
+        rows = [_row(t, r, names, greedy, held.get(t.number)) for t, r in done]
         heldout: list[str] = []
         for r in rows:
             for name in r["heldout_tasks"]:
@@ -109,7 +117,7 @@ class Leaderboard:
         counts = st.counts(trials)
         counts["duplicates"] = sum(1 for t in trials if t.user_attrs.get("duplicate_of")
                                    is not None)
-        return cls(rows, tasks, heldout, counts, reasons.most_common(3))
+        return cls(rows, tasks, heldout, counts, reasons.most_common(3), names)
 
     def columns(self) -> dict[str, list[str]]:
         """Which columns hold search scores and which hold held-out scores."""
@@ -218,8 +226,8 @@ def _opt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _row(t: FrozenTrial, greedy: int | None, held: dict[str, Any] | None) -> dict[str, Any]:
-    recipe = Recipe.from_dict(t.user_attrs[st.ATTR_RECIPE])
+def _row(t: FrozenTrial, recipe: Recipe, names: dict[str, str], greedy: int | None,
+         held: dict[str, Any] | None) -> dict[str, Any]:
     scores = t.user_attrs.get(st.ATTR_SCORES) or {}
     tags = []
     tag = t.user_attrs.get(st.ATTR_BASELINE)
@@ -234,7 +242,7 @@ def _row(t: FrozenTrial, greedy: int | None, held: dict[str, Any] | None) -> dic
     return {
         "rank": 0, "trial": t.number,
         "baseline": ",".join(tags),
-        "method": recipe.merge_method, "models": _models_text(recipe),
+        "method": recipe.merge_method, "models": "+".join(names[m] for m in recipe.model_names),
         "params": short_params(recipe),
         "objective": float(scores.get("objective", t.values[0] if t.values else float("nan"))),
         "metrics": dict(scores.get("metrics", {})),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,17 +30,10 @@ from optuna.trial import BaseTrial
 from search.config import ConfigError, SpaceConfig
 from search.merge.methods import get_method
 from search.merge.spec import MergeMethod, ParamSpec
+from search.names import short_names
 from search.recipe import ModelEntry, Recipe
 
 METHOD_KEY = "method"
-
-
-def short_names(models: Sequence[str]) -> list[str]:
-    """Readable, unique names for parameter keys: folder names, else ``m0``, ``m1``…"""
-    names = [os.path.basename(m.rstrip("/")) or m for m in models]
-    if len(set(names)) != len(names) or any("+" in n for n in names):
-        return [f"m{i}" for i in range(len(models))]
-    return names
 
 
 @dataclass(frozen=True)
@@ -221,8 +213,9 @@ class Space:
     def params_for(self, recipe: Recipe) -> dict[str, Any] | None:
         """Trial parameters that reproduce ``recipe`` (for enqueuing), or ``None``.
 
-        Experts missing from a recipe take weight 0 (a soup of fewer models); any other
-        value the space cannot express makes the recipe inexpressible.
+        Experts missing from a recipe take their parameters' left-out values (weight 0:
+        a soup of fewer models); any other value the space cannot express makes the
+        recipe inexpressible.
         """
         method = recipe.merge_method
         if method not in self.methods:
@@ -248,9 +241,9 @@ class Space:
                 if entry is None and subsets:
                     continue  # not in the chosen subset: its value is never used
                 if entry is None:
-                    if p.spec.name != "weight":
+                    if p.spec.left_out is None:
                         return None
-                    value = 0.0
+                    value = p.spec.left_out
                 else:
                     value = entry.parameters.get(p.spec.name)
             if value is None:

@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, create_trial
 
 from search import study as st
+from search.names import name_map
 from search.recipe import Recipe
 from search.results.report.figures import Axis, Point
 
@@ -27,10 +27,6 @@ MAX_AXES = 24  # parallel-coordinate axes
 METHOD_PARAM = "method"  # search.run.space.METHOD_KEY (not imported: space pulls in torch)
 _LABELS = {"base": "base", "parent": "parent", "uniform_soup": "uniform soup",
            "greedy_soup": "greedy soup", "seed": "seed"}
-
-
-def _short(model: str) -> str:
-    return os.path.basename(model.rstrip("/")) or model
 
 
 def points(rows: Sequence[dict[str, Any]], by_number: dict[int, FrozenTrial]) -> list[Point]:
@@ -148,20 +144,29 @@ def importances(rows: Sequence[dict[str, Any]], by_number: dict[int, FrozenTrial
     return out
 
 
-def _record(recipe: Recipe, experts: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """A recipe's values by axis name, and its per-model axis names."""
+def _record(recipe: Recipe, experts: Sequence[str],
+            names: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """A recipe's values by axis name, and its per-model axis names.
+
+    An expert the recipe leaves out takes the left-out value (weight 0) of each
+    per-model parameter that the recipe sets and whose spec has one.
+    """
+    from search.merge.methods import param_spec  # pulls in torch: not at import
+
     rec: dict[str, Any] = {"method": recipe.merge_method}
     per_model: list[str] = []
-    listed = {m.model for m in recipe.models}
     for m in recipe.models:
         for k, v in m.parameters.items():
-            rec[f"{k}.{_short(m.model)}"] = v
-            per_model.append(f"{k}.{_short(m.model)}")
-    if any("weight" in m.parameters for m in recipe.models):
-        for e in experts:
-            if e not in listed:  # left out of the soup: weight 0
-                rec[f"weight.{_short(e)}"] = 0.0
-                per_model.append(f"weight.{_short(e)}")
+            rec[f"{k}.{names[m.model]}"] = v
+            per_model.append(f"{k}.{names[m.model]}")
+    missing = [e for e in experts if e not in recipe.model_names]
+    for k in dict.fromkeys(k for m in recipe.models for k in m.parameters):
+        spec = param_spec(recipe.merge_method, k)
+        if spec is None or not spec.per_model or spec.left_out is None:
+            continue
+        for e in missing:
+            rec[f"{k}.{names[e]}"] = spec.left_out
+            per_model.append(f"{k}.{names[e]}")
     rec.update(recipe.parameters)
     return rec, per_model
 
@@ -196,16 +201,22 @@ def _axis(name: str, values: list[float | str | None], scores: Sequence[float]) 
 
 
 def parallel_axes(rows: Sequence[dict[str, Any]], by_number: dict[int, FrozenTrial],
-                  experts: Sequence[str]) -> list[Axis]:
-    """Normalized axes (method, PARAM.MODEL, global params) over ``rows``' recipes."""
+                  experts: Sequence[str], names: dict[str, str] | None = None) -> list[Axis]:
+    """Normalized axes (method, PARAM.MODEL, global params) over ``rows``' recipes.
+
+    ``names`` are the models' short names (:func:`search.names.name_map`; the
+    leaderboard's ``names``); by default they are derived from ``experts`` and the rows.
+    """
     records, per_model, order = [], set(), ["method"]
-    for r in rows:
-        rec, pm = _record(Recipe.from_dict(by_number[r["trial"]].user_attrs[st.ATTR_RECIPE]),
-                          experts)
+    recipes = [Recipe.from_dict(by_number[r["trial"]].user_attrs[st.ATTR_RECIPE]) for r in rows]
+    if names is None:
+        names = name_map(experts, [m for recipe in recipes for m in recipe.model_names])
+    for recipe in recipes:
+        rec, pm = _record(recipe, experts, names)
         records.append(rec)
         per_model.update(pm)
         order += [k for k in rec if k not in order]
-    shorts = [_short(e) for e in experts]
+    shorts = [names[e] for e in experts]
     params = list(dict.fromkeys(k.split(".")[0] for k in order if k in per_model))
 
     def rank(k: str) -> tuple[int, int, int]:

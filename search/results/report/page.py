@@ -16,7 +16,6 @@ import base64
 import csv
 import html
 import io
-import os
 import re
 import shutil
 import uuid
@@ -31,6 +30,7 @@ from optuna.trial import FrozenTrial
 from search import __version__
 from search.atomic import replace_folder
 from search.errors import OutputExistsError
+from search.names import folder_name
 from search.results.leaderboard import Leaderboard
 from search.results.report import data as rd
 from search.results.report import figures as rf
@@ -91,7 +91,7 @@ def build_report(study: optuna.Study, storage_url: str, top: int = 10) -> Report
             "(box: quartiles and median; baselines are linear soups).",
             rf.score_by_method(points, ylabel)))
         _importance(report, board.rows, by_number)
-        _parallel(report, board.rows, by_number, meta, top, ylabel)
+        _parallel(report, board, by_number, meta, top, ylabel)
         _pareto(report, study, points, meta)
     text = board.render("csv", top=top)
     report.table = [row for row in csv.reader(io.StringIO(text))]
@@ -116,11 +116,17 @@ def _facts(study: optuna.Study, url: str, board: Leaderboard,
     if board.failures:
         facts.append(("failures", ", ".join(f"{r} ×{k}" for r, k in board.failures)))
     if meta.get("base"):
-        facts.append(("base", os.path.basename(str(meta["base"]).rstrip("/"))))
+        facts.append(("base", _named(str(meta["base"]), board.names)))
     if meta.get("experts"):
-        facts.append(("experts", ", ".join(os.path.basename(str(e).rstrip("/"))
+        facts.append(("experts", ", ".join(_named(str(e), board.names)
                                            for e in meta["experts"])))
     return facts
+
+
+def _named(model: str, names: dict[str, str]) -> str:
+    """A model's short name, with its reference where the name is not its folder's."""
+    name = names.get(model, folder_name(model))
+    return name if name == folder_name(model) else f"{name} ({model})"
 
 
 def _caption_scores(study: optuna.Study, meta: dict[str, Any]) -> str:
@@ -150,10 +156,11 @@ def _importance(report: Report, rows: list[dict[str, Any]],
             rf.importance(result.panels, title)))
 
 
-def _parallel(report: Report, rows: list[dict[str, Any]], by_number: dict[int, FrozenTrial],
+def _parallel(report: Report, board: Leaderboard, by_number: dict[int, FrozenTrial],
               meta: dict[str, Any], top: int, ylabel: str) -> None:
+    rows, names = board.rows, board.names
     chosen = rows[:top] if top else rows
-    axes = rd.parallel_axes(chosen, by_number, meta.get("experts") or [])
+    axes = rd.parallel_axes(chosen, by_number, meta.get("experts") or [], names)
     if len(chosen) < 2 or len(axes) < 2:
         report.notes.append("Parallel coordinates: need two or more candidates with "
                             "parameters; none drawn.")

@@ -14,9 +14,10 @@ from search.config import ConfigError, SpaceConfig
 from search.errors import InvalidRecipeError
 from search.merge.methods import REGISTRY, validate_recipe
 from search.merge.plan import MergePlan
+from search.names import short_names
 from search.recipe import ModelEntry, Recipe
 from search.run.baselines import soup
-from search.run.space import METHOD_KEY, Space, short_names
+from search.run.space import METHOD_KEY, Space
 
 BASE = "/models/base"
 EXPERTS = ("/models/e1", "/models/e2", "/models/e3")
