@@ -1,7 +1,12 @@
 """Atomic output folders: build in a hidden sibling, then rename into place.
 
 Example:
-    >>> replace_folder(Path(".out.tmp"), Path("out"), force=False)  # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     (Path(root) / ".out.tmp").mkdir()
+    ...     replace_folder(Path(root) / ".out.tmp", Path(root) / "out", force=False)
+    ...     sorted(p.name for p in Path(root).iterdir())
+    ['out']
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ wrong, with which input, and how to fix it, in one line. The CLI prints it and e
 from it too; :func:`one_line` is the one way an exception becomes a stored or printed line.
 
 Example:
-    >>> one_line(ValueError("bad weight\nmore detail"), with_type=True)
+    >>> one_line(ValueError("bad weight\\nmore detail"), with_type=True)
     'ValueError: bad weight'
 """
 

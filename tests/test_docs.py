@@ -6,7 +6,9 @@ tests catch a generator that silently drops a method, an option file, a key or a
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import doctest
+import importlib
 import re
 import sys
 import typing
@@ -18,19 +20,21 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+GENERATORS = ("gen_docs", "docs_common", "docs_methods", "docs_conf", "docs_configuration",
+              "docs_troubleshooting")
 
 
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-    if spec is None or spec.loader is None:
-        raise ImportError("scripts/gen_docs.py cannot be loaded")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_docs"] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+def _load(name: str) -> ModuleType:
+    """A module of scripts/ (the generator and the docs_* modules it imports)."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module(name)
 
 
-gen_docs = _load_generator()
+gen_docs, common, methods, conf_reader, troubleshooting = (
+    _load(n) for n in ("gen_docs", "docs_common", "docs_methods", "docs_conf",
+                       "docs_troubleshooting"))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,12 @@ def test_check_mode_exit_status(docs: dict[str, str], tmp_path: Path,
     assert gen_docs.stale(gen_docs.generate()) == [tmp_path / "methods.md"]
 
 
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generator_examples_run(name: str) -> None:
+    result = doctest.testmod(_load(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted and not result.failed, f"scripts/{name}.py: examples fail"
+
+
 def test_every_doc_starts_with_the_generated_line(docs: dict[str, str]) -> None:
     for text in docs.values():
         first = text.splitlines()[0]
@@ -87,7 +97,7 @@ def test_example_recipes_are_valid() -> None:
     from search.recipe import Recipe
 
     for method in REGISTRY.values():
-        recipe = Recipe.from_yaml(gen_docs.example_recipe(method), where=method.name)
+        recipe = Recipe.from_yaml(methods.example_recipe(method), where=method.name)
         assert validate_recipe(recipe) is method
 
 
@@ -141,8 +151,8 @@ def test_a_conf_key_without_a_field_is_reported(tmp_path: Path,
         encoding="utf-8")
     (conf / "parallel" / "serial.yaml").write_text("# One process.\nkind: serial\nworkerz: 2\n",
                                                    encoding="utf-8")
-    monkeypatch.setattr(gen_docs, "CONF", conf)
-    found = "\n".join(gen_docs.mismatches(gen_docs.groups()))
+    monkeypatch.setattr(conf_reader, "CONF", conf)
+    found = "\n".join(conf_reader.mismatches(conf_reader.groups()))
     assert "`parallel.workerz` (set in parallel/serial.yaml) has no field" in found
     assert "`bogus_top` (set in search.yaml) has no field" in found
 
@@ -176,9 +186,9 @@ class Thing:
 
 
 def test_scan_rule_keeps_user_errors_and_skips_builtins() -> None:
-    classes = gen_docs.user_classes(iter([gen_docs.ast.parse(SAMPLE)]))
+    classes = troubleshooting.user_classes(iter([ast.parse(SAMPLE)]))
     assert {"SoupError", "ConfigError"} <= classes
-    found = gen_docs.scan_source(SAMPLE, "search/sample.py", classes)
+    found = troubleshooting.scan_source(SAMPLE, "search/sample.py", classes)
     assert [(r.where, r.error, r.message) for r in found] == [
         ("Thing.check", "ConfigError", "n={n}: must be >= 0; known: {names}"),
         ("Thing.check", "SoupError", "worker failed: {error}"),
@@ -187,7 +197,7 @@ def test_scan_rule_keeps_user_errors_and_skips_builtins() -> None:
 
 def test_every_scanned_error_is_on_the_page(docs: dict[str, str]) -> None:
     text = docs["troubleshooting.md"]
-    found = gen_docs.scan()
+    found = troubleshooting.scan()
     assert found
     for raised in found:
-        assert gen_docs.code(raised.message).replace("|", "\\|") in text, raised
+        assert common.code(raised.message).replace("|", "\\|") in text, raised

@@ -12,8 +12,7 @@ with replay of the mixture distilled from the base, so the other skills stay whe
 base had them and the experts' task vectors add up).
 With ``--adapters``, also ``lora_add/``, ``lora_reverse/``, ``lora_dup/``: PEFT LoRA
 adapters (rank 8 on every attention and MLP projection) trained on the base the same
-way as the experts (about 50 s each), for searches over adapter parents
-(``models=demo_lora``).
+way as the experts, for searches over adapter parents (``models=demo_lora``).
 Each folder is a ``save_pretrained`` model or adapter (safetensors) with the byte-level
 tokenizer and a ``demo_build.json`` marker; a folder whose marker matches the current settings is
 kept unless ``--force``. Training runs in two spawned worker processes with one torch

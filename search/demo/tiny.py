@@ -6,8 +6,8 @@ seeded deltas, enough to exercise every merge path in seconds.
 
 Example:
     >>> import tempfile
-    >>> paths = save_family(tempfile.mkdtemp(), n_experts=2, arch="llama")
-    >>> sorted(paths)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     sorted(save_family(tmp, n_experts=2, arch="llama"))
     ['base', 'expert_0', 'expert_1']
 """
 

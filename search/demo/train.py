@@ -8,9 +8,10 @@ weights with one torch thread per process. :func:`build_model` is the worker ent
 it trains one model and saves it atomically with a marker describing how it was made.
 
 Example:
+    >>> from search.demo.tiny import byte_tokenizer
     >>> cfg = TrainConfig(skills=("add",), steps=2, lr=1e-3, batch=4)
-    >>> model, tok = new_model(seed=0), byte_tokenizer()        # doctest: +SKIP
-    >>> train(model, tok, cfg)["steps"]                         # doctest: +SKIP
+    >>> model, tok = new_model(seed=0), byte_tokenizer()
+    >>> train(model, tok, cfg)["steps"]
     2
 """
 

@@ -26,10 +26,10 @@ def keep_freed_memory() -> bool:
 
     Merging allocates large temporaries; by default glibc serves each one with a fresh
     memory map whose pages fault in on first touch, which costs several times the
-    arithmetic (measured: a 112 MB elementwise product took 44 ms, 9 ms with this).
-    The process's memory then stays at its high-water mark instead of shrinking between
-    tensors, so resident workers use it and ``soup merge`` (whose point is a small
-    peak) does not: measured on SmolLM2 TIES, 25% faster but a 27% higher peak.
+    arithmetic. The process's memory then stays at its high-water mark instead of
+    shrinking between tensors, so resident workers use it and ``soup merge`` (whose point
+    is a small peak) does not: there it is faster but raises the peak. Figures:
+    docs/benchmarks.md, heap tuning.
     Linux/glibc only; ``SOUP_MALLOC_TUNING=0`` disables it. Returns whether the setting
     was applied.
     """

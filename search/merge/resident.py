@@ -8,9 +8,19 @@ Both executors call the same :class:`~search.merge.plan.MergePlan`, so a recipe 
 the same tensors here as ``soup merge`` writes to disk.
 
 Example:
-    >>> parents = ResidentParents(["./base", "./math", "./code"], device="cpu")  # doctest: +SKIP
-    >>> resident = ResidentModel(parents)                                    # doctest: +SKIP
-    >>> model = resident.materialize(recipe)   # a torch.nn.Module, ready to evaluate
+    >>> import tempfile
+    >>> from search.demo.tiny import save_family
+    >>> from search.recipe import Recipe
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> base, a, b = (str(p) for p in save_family(tmp.name, n_experts=2).values())
+    >>> resident = ResidentModel(ResidentParents([base, a, b], device="cpu"))
+    >>> recipe = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": base,
+    ...                            "models": [{"model": a}, {"model": b}],
+    ...                            "parameters": {"weight": 0.5}})
+    >>> model = resident.materialize(recipe)  # a torch.nn.Module, ready to evaluate
+    >>> model is resident.materialize(recipe.with_changes(parameters={"weight": 1.0}))
+    True
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -6,11 +6,13 @@ shapes and then stream tensor bytes, so only the tensor being written is in memo
 
 Example:
     >>> import torch, tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> d = pathlib.Path(tmp.name)
     >>> w = ShardedWriter(d, [("a", torch.float32, (2,))], max_shard_bytes=1 << 20)
     >>> w.write("a", torch.ones(2)); w.close()
     >>> SafetensorsFile(d / w.files[0]).read("a")
     tensor([1., 1.])
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

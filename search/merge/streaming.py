@@ -5,8 +5,17 @@ appears only when complete: everything is written into a hidden temporary folder
 beside it, which is renamed at the end (and removed if anything fails).
 
 Example:
+    >>> import tempfile
+    >>> from search.demo.tiny import save_family
     >>> from search.recipe import Recipe
-    >>> merge_to_disk(Recipe.load("recipe.yaml"), "out")   # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> a, b = (str(p) for p in save_family(tmp.name, n_experts=1).values())
+    >>> recipe = Recipe.from_dict({"merge_method": "linear", "models": [{"model": a},
+    ...                            {"model": b}], "parameters": {"weight": 0.5}})
+    >>> out = merge_to_disk(recipe, Path(tmp.name) / "merged")
+    >>> (out / "config.json").is_file()
+    True
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

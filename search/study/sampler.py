@@ -4,9 +4,9 @@ Optuna's ``TPESampler(multivariate=True, group=True)`` splits the search space i
 of parameters that always occur together (here: the method choice, then each method's
 own parameters) and fits one joint Parzen model per group. It does so for every group on
 every proposal, although a trial uses only the group of the method it picks, and it
-recomputes the groups from every stored trial each time. With 11 methods and 1,000 trials
-stored that costs about 75 ms per proposal on a 2-core CPU (docs/benchmarks.md, search
-(a)), which starves workers whose candidates take a second.
+recomputes the groups from every stored trial each time, so its cost per proposal grows
+with the number of methods and of stored trials (docs/benchmarks.md, Search, measures
+both classes).
 
 :class:`ConditionalTPESampler` keeps Optuna's model and changes only the bookkeeping:
 
