@@ -1,4 +1,4 @@
-"""Reading conf/ and matching it to the dataclasses of search/config.py.
+"""Reading conf/ and matching it to the dataclasses of search/settings.py.
 
 A conf file is its leading comment (the docs' prose), its body and its data; the config
 paths of the dataclasses say where each file's keys land, so keys without a field and

@@ -47,7 +47,8 @@ CONFIG_INTRO = """\
 `soup search` composes `conf/search.yaml` with Hydra: one option from each config group
 (`GROUP=OPTION`, e.g. `sampler=cmaes`) plus `key=value` overrides (`n_trials=200`,
 `parallel.workers=4`). `soup search --cfg job ...` prints the composed config and stops.
-The composed config is converted once, in `search/config.py`, into frozen dataclasses:
+The composed config is converted once, in `search/config.py`, into the frozen dataclasses
+of `search/settings.py`:
 an unknown key or a wrong type is an error with a did-you-mean hint. `soup resume RUN_DIR
 key=value` changes keys of a saved run (not groups)."""
 
@@ -155,7 +156,7 @@ def render_configuration() -> str:
              contents(toc), "", *_top_level(all_groups), "## Config groups", ""]
     parts += [group_section(g, all_groups[g], defaults.get(g)) for g in order]
     parts += ["## Dataclasses", "",
-              "The frozen dataclasses of `search/config.py`, nested as in the composed "
+              "The frozen dataclasses of `search/settings.py`, nested as in the composed "
               "config. \"set in conf/\" lists the shipped files that set a field.", ""]
     parts += [dataclass_section(c, p, found, meanings) for c, p in paths.items()]
     problems = mismatches(all_groups) or ["none: conf/ and the dataclasses agree."]

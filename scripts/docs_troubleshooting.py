@@ -47,7 +47,8 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "The composed config (conf/ plus overrides) is checked before any model loads. The "
      "message names the config key (e.g. `space.params.density`); fix it in the conf/ file "
      "or with an override, and use `soup search --cfg job ...` to see what was composed.",
-     ("search/config.py", "search/run/space.py", "search/run/launch.py")),
+     ("search/config.py", "search/config_fields.py", "search/run/space.py",
+      "search/run/launch.py")),
     ("Recipes: soup merge, seeds= and every candidate",
      "A recipe's structure, method and parameter values are checked before any weight is "
      "read. The message names the recipe key (`models[1].parameters.density`) and the "

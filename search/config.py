@@ -1,264 +1,63 @@
-"""The search's configuration: frozen dataclasses, built once from the composed Hydra config.
+"""The search's configuration: the composed Hydra config, converted once into the frozen
+dataclasses of :mod:`search.settings` (field converters in :mod:`search.config_fields`).
 
 This is the only module that imports omegaconf or hydra. Everything below it takes a
 :class:`SearchConfig`, validated here, so a bad value fails at the edge with one line.
 
 Example:
-    >>> cfg = compose(["experiment=demo", "n_trials=20"])   # doctest: +SKIP
-    >>> cfg.n_trials, cfg.sampler.target                     # doctest: +SKIP
+    >>> cfg = compose(["experiment=demo", "n_trials=20"])
+    >>> cfg.n_trials, cfg.sampler.target
     (20, 'search.study.sampler.ConditionalTPESampler')
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from search.errors import SoupError, one_line
+from search.config_fields import (
+    build,
+    expert_ref,
+    mapping,
+    model_ref,
+    stages,
+    tuple_of_str,
+)
+from search.errors import ConfigError, SoupError, one_line
+from search.settings import (
+    DEFAULT_EVALUATOR,
+    ComponentConfig,
+    EvaluatorConfig,
+    ModelsConfig,
+    ParallelConfig,
+    SearchConfig,
+    SpaceConfig,
+    StorageConfig,
+    TaskConfig,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-DEFAULT_EVALUATOR = "evaluators.lm_eval.LmEvalEvaluator"
-
-
-class ConfigError(SoupError):
-    """A config value or override that cannot be used."""
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    """The parents: a shared base and the fine-tuned experts (paths or hub ids).
-
-    An expert may be a PEFT LoRA adapter folder (applied to ``base``) or, in mergekit's
-    syntax, ``MODEL+ADAPTER``.
-    """
-
-    base: str
-    experts: tuple[str, ...]
-    build_demo: bool = False
-    device: str = "auto"
-    dtype: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class SpaceConfig:
-    """What the sampler may choose.
-
-    Attributes:
-        methods: merge methods to choose among (one = a fixed method).
-        per_layer_anchors: 0 or 1 = one value per parameter; k >= 2 = k values across
-            depth, interpolated per layer.
-        params: parameter name -> ``[low, high]`` range, a fixed value, or (for bools)
-            ``[false, true]`` to search; a method name -> such a mapping for that method.
-        dtype: the recipes' ``dtype``.
-    """
-
-    methods: tuple[str, ...]
-    per_layer_anchors: int = 0
-    params: Mapping[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
-
-
-@dataclass(frozen=True)
-class ComponentConfig:
-    """A swappable Optuna component: ``_target_`` class path and its keyword arguments."""
-
-    target: str | None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """One lm-eval task of the objective (see :class:`evaluators.base.TaskSpec`)."""
-
-    name: str
-    metric: str | None = None
-    weight: float = 1.0
-    limit: int | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class EvaluatorConfig:
-    """How candidates are scored: search tasks, held-out tasks, stages, batch size, and
-    ``quantize`` (``nf4``/``fp4``: evaluate each candidate with 4-bit linear layers).
-
-    ``target`` (``_target_`` in YAML) is the evaluator class, built in each worker as
-    ``target(tasks, include_path=, batch_size=, stages=, **options)`` (the contract of
-    :class:`evaluators.base.Evaluator`).
-    """
-
-    tasks: tuple[TaskConfig, ...]
-    heldout: tuple[TaskConfig, ...] = ()
-    include_path: tuple[str, ...] = ()
-    batch_size: int = 64
-    stages: tuple[float, ...] = (1.0,)
-    quantize: str | None = None
-    target: str = DEFAULT_EVALUATOR
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """Where the study lives: ``sqlite:///…``, ``postgresql://…`` or ``journal:///path``."""
-
-    url: str
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How candidates run: ``serial`` in-process, or ``ray`` actors.
-
-    Attributes:
-        kind: ``serial`` or ``ray``.
-        address: Ray address (``None`` = start a local instance; ``auto`` = join the
-            cluster this node belongs to; ``ray://host:port`` or ``host:port``).
-        workers: number of actors; ``0`` = one per GPU, or per CPU slot without GPUs.
-        cpus_per_worker, gpus_per_worker: Ray resources of each actor;
-            ``gpus_per_worker: None`` = 1 when the cluster has GPUs, else 0.
-        threads_per_worker: torch threads in each worker.
-    """
-
-    kind: str = "serial"
-    address: str | None = None
-    workers: int = 0
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float | None = None
-    threads_per_worker: int = 1
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything a search needs, validated."""
-
-    study_name: str
-    run_dir: Path
-    n_trials: int
-    seed: int
-    objective: str
-    baselines: bool
-    dedup: bool
-    max_retries: int
-    stale_after_s: float
-    seeds: tuple[str, ...]
-    models: ModelsConfig
-    space: SpaceConfig
-    sampler: ComponentConfig
-    pruner: ComponentConfig
-    evaluator: EvaluatorConfig
-    storage: StorageConfig
-    parallel: ParallelConfig
-
-    @property
-    def multi_objective(self) -> bool:
-        """One objective per task (Pareto front) instead of one weighted score."""
-        return self.objective == "per_task"
-
-
-def _build(cls: type, data: Any, where: str, convert: Mapping[str, Any] | None = None) -> Any:
-    """Instantiates dataclass ``cls`` from a mapping, with did-you-mean for unknown keys."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    names = [f.name for f in fields(cls)]
-    types = {f.name: str(f.type) for f in fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"{where}.{key}: unknown option; {hint}options: {', '.join(names)}")
-        fn = (convert or {}).get(key)
-        kwargs[key] = fn(value, f"{where}.{key}") if fn else _typed(value, types[key],
-                                                                      f"{where}.{key}")
-    missing = [f.name for f in fields(cls) if f.name not in kwargs
-               and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing required option {missing[0]!r}")
-    return cls(**kwargs)
-
-
-_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,),
-                                         "str": (str,)}
-
-
-def _typed(value: Any, annotation: str, where: str) -> Any:
-    """Checks a scalar option against its annotation (``int``, ``float | None``, …)."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None and "None" in kinds:
-        return None
-    for kind in kinds:
-        ok = _SCALARS.get(kind)
-        if ok is None:
-            return value  # not a scalar option: checked by its converter or by _check
-        if isinstance(value, ok) and not (kind != "bool" and isinstance(value, bool)):
-            return float(value) if kind == "float" else value  # type: ignore[arg-type]
-    want = " or ".join("null" if k == "None" else {"str": "a string", "int": "an integer",
-                                                     "float": "a number", "bool": "true/false"
-                                                     }.get(k, k) for k in kinds)
-    raise ConfigError(f"{where}: expected {want}, got {value!r}")
-
-
-def _stages(value: Any, where: str) -> tuple[float, ...]:
-    items = value if isinstance(value, Sequence) and not isinstance(value, str) else None
-    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
-        raise ConfigError(f"{where}: expected a list of fractions like [0.25, 1.0], got "
-                          f"{value!r}")
-    return tuple(float(v) for v in items)
-
-
-def _tuple_of_str(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
-    return tuple(str(v) for v in value)
-
-
-def model_ref(name: str) -> str:
-    """A local path made absolute (recipes then work from any folder); hub ids as given.
-
-    ``MODEL+ADAPTER`` (a LoRA adapter applied to a model) has both parts resolved.
-    """
-    path = Path(os.path.expanduser(name))
-    if "+" in name and not path.exists():
-        model, _, adapter = name.partition("+")
-        return f"{model_ref(model)}+{model_ref(adapter)}" if model and adapter else name
-    if name.startswith((".", "/", "~")) or path.exists():
-        return str(path.absolute())
-    return name
-
-
-def _expert_ref(name: str, base: str) -> str:
-    """An expert as a parent reference: a PEFT adapter folder is applied to the base."""
-    ref = model_ref(name)
-    if "+" not in ref and Path(ref, "adapter_config.json").is_file() \
-            and not Path(ref, "config.json").is_file():
-        return f"{base}+{ref}"
-    return ref
 
 
 def _models(value: Any, where: str) -> ModelsConfig:
     base = model_ref(str(value.get("base"))) if isinstance(value, Mapping) else ""
 
     def experts(v: Any, w: str) -> tuple[str, ...]:
-        return tuple(_expert_ref(e, base) for e in _tuple_of_str(v, w))
+        return tuple(expert_ref(e, base) for e in tuple_of_str(v, w))
 
-    return _build(ModelsConfig, value, where, {
+    return build(ModelsConfig, value, where, {
         "experts": experts, "base": lambda v, w: model_ref(str(v))})
 
 
 def _task(value: Any, where: str) -> TaskConfig:
     if isinstance(value, str):
         return TaskConfig(value)
-    return _build(TaskConfig, value, where)
+    return build(TaskConfig, value, where)
 
 
 def _tasks(value: Any, where: str) -> tuple[TaskConfig, ...]:
@@ -275,13 +74,13 @@ def _evaluator(value: Any, where: str) -> EvaluatorConfig:
 
     from evaluators.base import evaluator_class
 
-    data = dict(_mapping(value, where))
+    data = dict(mapping(value, where))
     target = data.pop("_target_", DEFAULT_EVALUATOR)
     if "target" in data:
         raise ConfigError(f"{where}.target: unknown option; did you mean '_target_'?")
-    ev = _build(EvaluatorConfig, data, where, {
-        "tasks": _tasks, "heldout": _tasks, "include_path": _tuple_of_str, "stages": _stages,
-        "options": lambda v, w: dict(_mapping(v, w))})
+    ev = build(EvaluatorConfig, data, where, {
+        "tasks": _tasks, "heldout": _tasks, "include_path": tuple_of_str, "stages": stages,
+        "options": lambda v, w: dict(mapping(v, w))})
     if not isinstance(target, str) or not target:
         raise ConfigError(f"{where}._target_: expected a class path like "
                           f"{DEFAULT_EVALUATOR}, got {target!r}")
@@ -296,14 +95,6 @@ def _evaluator(value: Any, where: str) -> EvaluatorConfig:
         raise ConfigError(f"{where}.options: {target} does not take them ({exc}); see its "
                           "constructor for the options it accepts") from None
     return dataclasses.replace(ev, target=target)
-
-
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    return value
 
 
 def _component(value: Any, where: str) -> ComponentConfig:
@@ -374,17 +165,17 @@ def from_container(data: Mapping[str, Any]) -> SearchConfig:
     data.pop("experiment", None)
     convert = {
         "run_dir": lambda v, w: Path(os.path.expanduser(str(v))),
-        "seeds": _tuple_of_str,
+        "seeds": tuple_of_str,
         "models": _models,
-        "space": lambda v, w: _build(SpaceConfig, v, w, {
-            "methods": _tuple_of_str, "params": lambda x, _: dict(x or {})}),
+        "space": lambda v, w: build(SpaceConfig, v, w, {
+            "methods": tuple_of_str, "params": lambda x, _: dict(x or {})}),
         "sampler": _component,
         "pruner": _component,
         "evaluator": _evaluator,
-        "storage": lambda v, w: _build(StorageConfig, v, w),
-        "parallel": lambda v, w: _build(ParallelConfig, v, w),
+        "storage": lambda v, w: build(StorageConfig, v, w),
+        "parallel": lambda v, w: build(ParallelConfig, v, w),
     }
-    return _check(_build(SearchConfig, data, "config", convert))
+    return _check(build(SearchConfig, data, "config", convert))
 
 
 def from_hydra(cfg: Any) -> SearchConfig:

@@ -52,3 +52,7 @@ class OutputExistsError(SoupError):
 class AdapterError(SoupError):
     """A PEFT adapter parent cannot be read, is of a kind that has no weight update, or
     does not fit the model it is applied to."""
+
+
+class ConfigError(SoupError):
+    """A config value or override that cannot be used."""
