@@ -23,15 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study.trials import (
-    ATTR_BASELINE,
-    ATTR_DRIVER,
-    ATTR_ERROR,
-    ATTR_RECIPE,
-    ATTR_REQUEUED,
-    ATTR_RETRIES,
-    ATTR_SCORES,
-)
+from search.study import trials as tr
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
@@ -116,7 +108,7 @@ def recover_stale(study: optuna.Study, stale_after_s: float, max_retries: int,
     recovered = []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in running:
-        owner = t.user_attrs.get(ATTR_DRIVER)
+        owner = t.user_attrs.get(tr.ATTR_DRIVER)
         if owner == me:
             continue
         if owner is None:  # asked but not yet claimed: give its driver a moment
@@ -134,7 +126,7 @@ def recover_stale(study: optuna.Study, stale_after_s: float, max_retries: int,
 
 def finish_from_scores(study: optuna.Study, t: FrozenTrial) -> bool:
     """Completes ``t`` with its stored final scores, if it has them."""
-    scores = t.user_attrs.get(ATTR_SCORES)
+    scores = t.user_attrs.get(tr.ATTR_SCORES)
     if not scores or not scores.get("final"):
         return False
     values = scores["values"]
@@ -150,10 +142,10 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, max_retri
     """Fails ``t`` with ``reason`` and re-enqueues its parameters (bounded retries)."""
     storage = study._storage
     try:
-        storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, reason)
-        retries = int(t.user_attrs.get(ATTR_RETRIES, 0))
+        storage.set_trial_user_attr(t._trial_id, tr.ATTR_ERROR, reason)
+        retries = int(t.user_attrs.get(tr.ATTR_RETRIES, 0))
         again = retries < max_retries
-        storage.set_trial_user_attr(t._trial_id, ATTR_REQUEUED, again)
+        storage.set_trial_user_attr(t._trial_id, tr.ATTR_REQUEUED, again)
         if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
             return False
     except (RuntimeError, ValueError) as exc:  # finished by another driver meanwhile
@@ -161,8 +153,8 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, max_retri
         return False
     if again:
         keep = {k: v for k, v in t.user_attrs.items()
-                if k in (ATTR_RECIPE, ATTR_BASELINE, "seed_file")}
+                if k in (tr.ATTR_RECIPE, tr.ATTR_BASELINE, "seed_file")}
         params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
         study.enqueue_trial(params, user_attrs={
-            **keep, ATTR_RETRIES: retries + 1, "retry_of": t.number}, skip_if_exists=False)
+            **keep, tr.ATTR_RETRIES: retries + 1, "retry_of": t.number}, skip_if_exists=False)
     return True
