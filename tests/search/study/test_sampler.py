@@ -249,3 +249,14 @@ def test_finds_good_merges_on_a_conditional_toy_problem() -> None:
     rnd_best, rnd_ties = best(optuna.samplers.RandomSampler(seed=1))
     assert tpe_best > rnd_best
     assert tpe_ties > rnd_ties and tpe_ties >= 20
+
+
+def test_the_old_target_path_still_builds_the_sampler() -> None:
+    """Saved run folders name ``search.sampling.ConditionalTPESampler``: it must resume."""
+    from search.config import ComponentConfig
+    from search.run.launch import instantiate
+    from search.study.sampler import ConditionalTPESampler
+
+    old = instantiate(ComponentConfig("search.sampling.ConditionalTPESampler", {"seed": 1}),
+                      "sampler")
+    assert type(old) is ConditionalTPESampler
