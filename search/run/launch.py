@@ -176,6 +176,7 @@ def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = 
 
     A bad input fails before the run folder, its files or the study are written.
     """
+    optuna.logging.disable_default_handler()  # Optuna's lines go to search.log only
     space = check_inputs(cfg)
     study = open_search_study(cfg, space)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
