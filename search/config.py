@@ -40,7 +40,8 @@ from search.settings import (
     TaskConfig,
 )
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# search/conf links to the top-level conf/ in a checkout; a wheel holds a copy of it
+CONF_DIR = Path(__file__).parent / "conf"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
