@@ -24,6 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from search import __version__
 from search.errors import SoupError
@@ -95,27 +96,19 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_for_reading(args: argparse.Namespace) -> object:
-    from search import config
-    from search.study import open_study
+def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The study and config of RUN_DIR, or of --storage URL --study NAME."""
+    from search.results.heldout import open_run
 
-    if args.storage:
-        if not args.study:
-            raise SoupError("--storage needs --study NAME")
-        return open_study(args.storage, args.study, [], create=False)
-    if not args.run_dir:
-        raise SoupError("give RUN_DIR, or --storage URL --study NAME")
-    # the folder given is the run folder: a copied or moved run reads its own study.db
-    _, cfg = config.load_saved(args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])
-    return open_study(cfg.storage.url, cfg.study_name, [], create=False)
+    return open_run(args.run_dir, args.storage, args.study)
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from search.results.leaderboard import Leaderboard
 
-    study = _open_for_reading(args)
+    study, _ = _open(args)
     try:
-        board = Leaderboard.from_study(study, sort=args.sort)  # type: ignore[arg-type]
+        board = Leaderboard.from_study(study, sort=args.sort)
     except ValueError as exc:
         raise SoupError(str(exc)) from None
     print(board.render(args.format, top=args.top), end="")
@@ -125,8 +118,6 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from search.results.heldout import EvaluateOptions, describe, evaluate_run
 
-    if args.storage and args.run_dir:
-        raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
     tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
     if args.tasks is not None and not tasks:
         raise SoupError(f"--tasks {args.tasks!r}: give task names separated by commas")
@@ -144,38 +135,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from search import config
     from search.results.export import ExportOptions, export_trial
 
-    if args.storage and args.run_dir:
-        raise SoupError("give RUN_DIR OUT_DIR, or --storage URL --study NAME OUT_DIR, "
-                        "not both")
-    cfg = None
-    if args.run_dir and not args.storage:  # the run folder's own config and study.db
-        _, cfg = config.load_saved(args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])
-    study = _open_for_reading(args)
+    study, cfg = _open(args)
     opts = ExportOptions(trial=args.trial, force=args.force,
                          max_shard_bytes=args.max_shard_size, device=args.device)
-    print(export_trial(study, args.out_dir, opts, cfg).summary())  # type: ignore[arg-type]
+    print(export_trial(study, args.out_dir, opts, cfg).summary())
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from search import config
     from search.results.report import write_report
 
-    if args.storage and args.run_dir:
-        raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
     if args.top < 0:
         raise SoupError(f"--top {args.top}: give a count of rows, or 0 for all")
     if args.storage and not args.out:
         raise SoupError("--storage needs --out DIR (there is no run folder to write into)")
-    study = _open_for_reading(args)
-    url = args.storage or config.load_saved(
-        args.run_dir, [f"run_dir={os.path.abspath(args.run_dir)}"])[1].storage.url
+    study, cfg = _open(args)
     out_dir = args.out or os.path.join(args.run_dir, "report")
-    out = write_report(study, out_dir, storage_url=url, top=args.top,  # type: ignore[arg-type]
-                       force=args.force)
+    out = write_report(study, out_dir, storage_url=args.storage or cfg.storage.url,
+                       top=args.top, force=args.force)
     print(f"report: {out / 'index.html'} (figures: {out}/*.png)")
     return 0
 

@@ -32,6 +32,11 @@ class ModelsConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The base, then the experts."""
+        return (self.base, *self.experts)
+
 
 @dataclass(frozen=True)
 class SpaceConfig:

@@ -23,10 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +42,7 @@ from search.errors import OutputExistsError, SoupError
 from search.merge.devices import resolve_device
 from search.recipe import Recipe
 from search.results.card import CardFacts, model_card
+from search.settings import ModelsConfig
 
 if TYPE_CHECKING:
     from search.config import SearchConfig
@@ -63,16 +66,6 @@ class ExportOptions:
     force: bool = False
     max_shard_bytes: int = 2 * 1024**3
     device: str | None = None
-
-
-@dataclass(frozen=True)
-class Parents:
-    """How the run's workers held the parents (see ``search.run.worker_setup``)."""
-
-    models: tuple[str, ...]
-    device: str = "auto"
-    dtype: str | None = None
-    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,22 +111,24 @@ def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     return t
 
 
-def run_parents(study: optuna.Study, recipe: Recipe, cfg: SearchConfig | None,
-                device: str | None) -> Parents:
-    """The worker's parents: from the run's config, else the study's record, else the
-    recipe's own models (storage without a run folder)."""
+def run_models(study: optuna.Study, cfg: SearchConfig | None, fallback: Sequence[str] = (),
+               device: str | None = None) -> ModelsConfig:
+    """The parents as the run's workers held them: from the run's config, else the
+    study's record, else ``fallback`` (storage without a run folder); ``device``, when
+    given, replaces the run's."""
     if cfg is not None:
         m = cfg.models
-        return Parents((m.base, *m.experts), device or m.device, m.dtype, m.allow_pickle)
-    meta = study.user_attrs.get("search") or {}
-    if meta.get("base") and meta.get("experts"):
-        models = (str(meta["base"]), *(str(e) for e in meta["experts"]))
     else:
-        models = tuple(dict.fromkeys([*recipe.model_names, *filter(None, [recipe.base_model])]))
-    return Parents(models, device or "auto")
+        meta = study.user_attrs.get("search") or {}
+        names = [str(n) for n in (meta.get("base"), *meta.get("experts", [])) if n]
+        names = list(dict.fromkeys(names if len(names) > 1 else fallback))
+        if not names:
+            raise SoupError("the study records no parents; pass the run's folder")
+        m = ModelsConfig(names[0], tuple(names[1:]))
+    return dataclasses.replace(m, device=device or m.device)
 
 
-def check_recipe(recipe: Recipe, parents: Parents, number: int) -> None:
+def check_recipe(recipe: Recipe, parents: ModelsConfig, number: int) -> None:
     """The driver's validation, plus: every model the merge reads is a run parent."""
     from search.merge.plan import MergePlan
 
@@ -141,13 +136,13 @@ def check_recipe(recipe: Recipe, parents: Parents, number: int) -> None:
         plan = MergePlan.build(recipe)
     except SoupError as exc:
         raise SoupError(f"trial {number}'s recipe is not valid: {exc}") from None
-    unknown = [m for m in plan.models if m not in parents.models]
+    unknown = [m for m in plan.models if m not in parents.paths]
     if unknown:
         raise SoupError(f"trial {number}'s recipe reads {unknown[0]!r}, which is not a parent "
-                        f"of the run {list(parents.models)}; export with the run's folder")
+                        f"of the run {list(parents.paths)}; export with the run's folder")
 
 
-def streaming_is_exact(recipe: Recipe, parents: Parents) -> bool:
+def streaming_is_exact(recipe: Recipe, parents: ModelsConfig) -> bool:
     """Whether ``soup merge``'s streaming executor writes what the worker computed.
 
     True when every float tensor of every parent has one dtype on disk, the worker held
@@ -159,7 +154,7 @@ def streaming_is_exact(recipe: Recipe, parents: Parents) -> bool:
     from search.merge.sources import logical_tensors, open_model
 
     dtypes = set()
-    for ref in parents.models:
+    for ref in parents.paths:
         src = open_model(ref, allow_pickle=parents.allow_pickle)
         try:
             dtypes |= {dt for _, dt in logical_tensors(src).values() if dt.is_floating_point}
@@ -174,7 +169,7 @@ def streaming_is_exact(recipe: Recipe, parents: Parents) -> bool:
     return held == disk and written == disk
 
 
-def _write_resident(recipe: Recipe, parents: Parents, folder: Path, max_shard: int) -> None:
+def _write_resident(recipe: Recipe, parents: ModelsConfig, folder: Path, max_shard: int) -> None:
     """The worker's own path: every parent resident, the recipe materialized in place."""
     from search.merge.model_files import write_model_files
     from search.merge.resident import ResidentModel, ResidentParents
@@ -185,7 +180,7 @@ def _write_resident(recipe: Recipe, parents: Parents, folder: Path, max_shard: i
     writer = None
     try:
         resident = ResidentModel(ResidentParents(
-            list(parents.models), device=parents.device, dtype=parents.dtype,
+            list(parents.paths), device=parents.device, dtype=parents.dtype,
             allow_pickle=parents.allow_pickle))
         resident.materialize(recipe)
         targets = resident.targets
@@ -204,7 +199,7 @@ def _write_resident(recipe: Recipe, parents: Parents, folder: Path, max_shard: i
         prep.close()
 
 
-def _write_weights(recipe: Recipe, parents: Parents, folder: Path, max_shard: int) -> str:
+def _write_weights(recipe: Recipe, parents: ModelsConfig, folder: Path, max_shard: int) -> str:
     """Writes the merged model into the new ``folder``; returns the executor used."""
     if streaming_is_exact(recipe, parents):
         from search.merge.streaming import MergeOptions, merge_to_disk
@@ -217,14 +212,14 @@ def _write_weights(recipe: Recipe, parents: Parents, folder: Path, max_shard: in
     return "resident"
 
 
-def _check_output(out: Path, parents: Parents, force: bool) -> None:
+def _check_output(out: Path, parents: ModelsConfig, force: bool) -> None:
     if out.exists() and not force:
         raise OutputExistsError(f"output folder {str(out)!r} exists; choose another or "
                                 "pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} is a file, not a folder; choose "
                                 "another path")
-    for ref in parents.models:
+    for ref in parents.paths:
         folder = Path(ref).resolve()
         if folder == out.resolve() or out.resolve() in folder.parents:
             raise OutputExistsError(f"output folder {str(out)!r} holds parent {ref!r}; "
@@ -252,7 +247,8 @@ def export_trial(study: optuna.Study, out_dir: str | os.PathLike[str],
         raise SoupError(f"trial {trial.number} has no stored recipe; it was not made by "
                         "soup search")
     recipe = Recipe.from_dict(data, where=f"trial {trial.number}'s recipe")
-    parents = run_parents(study, recipe, cfg, opts.device)
+    parents = run_models(study, cfg, [*filter(None, [recipe.base_model]), *recipe.model_names],
+                         opts.device)
     check_recipe(recipe, parents, trial.number)
     resolve_device(parents.device)  # a bad --device fails before any work
     if cfg is not None and parents.device != cfg.models.device:

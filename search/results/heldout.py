@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 
 from search import study as st
-from search.config import SearchConfig, TaskConfig
+from search.config import EvaluatorConfig, SearchConfig, TaskConfig
 from search.errors import SoupError
 from search.recipe import Recipe
 from search.results.leaderboard import Leaderboard
@@ -87,6 +87,8 @@ def open_run(run_dir: str | Path | None, storage: str | None = None,
     """
     from search import config
 
+    if storage and run_dir:
+        raise SoupError("give RUN_DIR, or --storage URL --study NAME, not both")
     if storage:
         if not study_name:
             raise SoupError("--storage needs --study NAME")
@@ -162,21 +164,16 @@ def worker_setup_for(study: optuna.Study, cfg: SearchConfig | None,
                      tasks: tuple[TaskConfig, ...], candidates: Sequence[Candidate],
                      device: str | None = None) -> WorkerSetup:
     """The worker for ``tasks``: the run's parents, plus any other model a recipe names."""
-    if cfg is not None:
-        from search.run.launch import worker_setup
+    from search.results.export import run_models
 
-        setup = worker_setup(cfg, tasks=tasks)
-    else:
-        meta = study.user_attrs.get("search", {})
-        first = [m for m in (meta.get("base"), *meta.get("experts", [])) if m]
-        setup = WorkerSetup(models=tuple(first), tasks=tasks)
-    models = list(setup.models)
-    for c in candidates:
-        for m in (c.recipe.base_model, *c.recipe.model_names):
-            if m and m not in models:
-                models.append(m)
-    return dataclasses.replace(setup, models=tuple(models), stages=(1.0,),
-                               device=device or setup.device)
+    named = [m for c in candidates for m in (c.recipe.base_model, *c.recipe.model_names) if m]
+    models = run_models(study, cfg, named, device)
+    extra = [m for m in dict.fromkeys(named) if m not in models.paths]
+    models = dataclasses.replace(models, experts=(*models.experts, *extra))
+    if cfg is None:
+        return WorkerSetup(models, EvaluatorConfig(tasks))
+    evaluator = dataclasses.replace(cfg.evaluator, tasks=tasks, stages=(1.0,))
+    return WorkerSetup(models, evaluator, cfg.parallel.threads_per_worker)
 
 
 def _done(record: dict[str, Any] | None, names: list[str]) -> bool:
@@ -208,7 +205,7 @@ def evaluate_study(study: optuna.Study, setup: WorkerSetup, candidates: Sequence
     """Scores ``candidates`` one after another and stores each record in the study."""
     from tqdm.auto import tqdm
 
-    names = [t.name for t in setup.tasks]
+    names = [t.name for t in setup.evaluator.tasks]
     stored = st.heldout_scores(study.user_attrs)
     outcomes = {c.trial: Outcome(c, "skipped", stored[c.trial]) for c in candidates
                 if not opts.force and _done(stored.get(c.trial), names)}
@@ -256,7 +253,7 @@ def evaluate_run(run_dir: str | Path | None, opts: EvaluateOptions, storage: str
     names = [t.name for t in tasks]
     stored = st.heldout_scores(study.user_attrs)
     if opts.force or not all(_done(stored.get(c.trial), names) for c in candidates):
-        check_tasks(tasks, setup.include_path)
+        check_tasks(tasks, setup.evaluator.include_path)
     return evaluate_study(study, setup, candidates, opts)
 
 

@@ -73,16 +73,9 @@ def ensure_demo_models(cfg: SearchConfig) -> None:
                         f"run python -m search.demo --out {out} to see why")
 
 
-def worker_setup(cfg: SearchConfig, tasks: Any = None) -> WorkerSetup:
-    """What each worker loads, from the config (``tasks`` defaults to the search tasks)."""
-    m, ev = cfg.models, cfg.evaluator
-    return WorkerSetup(
-        models=(m.base, *m.experts), tasks=tuple(tasks or ev.tasks), device=m.device,
-        dtype=m.dtype, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
-        include_path=ev.include_path, batch_size=ev.batch_size,
-        stages=ev.stages if tasks is None else (1.0,),
-        threads=cfg.parallel.threads_per_worker, quantize=ev.quantize,
-        evaluator=ev.target, evaluator_options=dict(ev.options))
+def worker_setup(cfg: SearchConfig) -> WorkerSetup:
+    """What each worker loads, from the config."""
+    return WorkerSetup(cfg.models, cfg.evaluator, cfg.parallel.threads_per_worker)
 
 
 def _check_parents(cfg: SearchConfig) -> None:

@@ -7,11 +7,11 @@ the next stage (the driver asks for it only if the pruner lets the trial go on).
 Each call returns a :class:`WorkerResult`, a frozen dataclass that pickles across
 processes (Ray) unchanged.
 
-The evaluator is the class ``WorkerSetup.evaluator`` names (``evaluator._target_`` in
-the config), built with the contract of :class:`evaluators.base.Evaluator`.
+The evaluator is the class ``evaluator._target_`` names, built with the contract of
+:class:`evaluators.base.Evaluator`.
 
 Example:
-    >>> w = Worker(WorkerSetup(models=("./base", "./a", "./b"), tasks=(...)))  # doctest: +SKIP
+    >>> w = Worker(WorkerSetup(ModelsConfig("./base", ("./a", "./b")), evaluator))  # doctest: +SKIP
     >>> w.start(recipe.to_dict())                                             # doctest: +SKIP
     WorkerResult(error=None, kind='', metrics={...}, stage=0, final=True, ...)
 """
@@ -22,42 +22,22 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.config import DEFAULT_EVALUATOR, TaskConfig
 from search.errors import one_line
+from search.settings import EvaluatorConfig, ModelsConfig
 
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """What a worker loads once.
+    """What a worker loads once: the parents, how candidates are scored (the tasks,
+    stages and the evaluator class with its options), and its torch threads."""
 
-    Attributes:
-        models: the base first, then the experts (paths or hub ids).
-        tasks: the tasks to score.
-        device, dtype, allow_pickle, trust_remote_code: as in the models config.
-        include_path, batch_size, stages, quantize: as in the evaluator config.
-        threads: torch threads.
-        evaluator: class path of the evaluator (``evaluator._target_``).
-        evaluator_options: extra keyword arguments of its constructor
-            (``evaluator.options``).
-    """
-
-    models: tuple[str, ...]
-    tasks: tuple[TaskConfig, ...]
-    device: str = "auto"
-    dtype: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    include_path: tuple[str, ...] = ()
-    batch_size: int = 64
-    stages: tuple[float, ...] = (1.0,)
+    models: ModelsConfig
+    evaluator: EvaluatorConfig
     threads: int = 1
-    quantize: str | None = None
-    evaluator: str = DEFAULT_EVALUATOR
-    evaluator_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,14 +109,14 @@ class Worker:
         from evaluators.base import TaskSpec, evaluator_class, needs_model
 
         torch.set_num_threads(self.setup.threads)
-        s = self.setup
-        cls = evaluator_class(s.evaluator)
+        ev = self.setup.evaluator
+        cls = evaluator_class(ev.target)
         if needs_model(cls):
             self._load_parents()
-        specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in s.tasks]
+        specs = [TaskSpec(t.name, t.metric, t.weight, t.limit, t.seed) for t in ev.tasks]
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-task progress bars
-            self.evaluator = cls(specs, include_path=s.include_path, batch_size=s.batch_size,
-                                 stages=s.stages, **s.evaluator_options)
+            self.evaluator = cls(specs, include_path=ev.include_path, batch_size=ev.batch_size,
+                                 stages=ev.stages, **ev.options)
 
     def _load_parents(self) -> None:
         import logging
@@ -146,12 +126,12 @@ class Worker:
         from search.merge.resident import ResidentModel, ResidentParents
 
         logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-        s = self.setup
-        parents = ResidentParents(list(s.models), device=s.device, dtype=s.dtype,
-                                  allow_pickle=s.allow_pickle)
-        self.resident = ResidentModel(parents, quantize=s.quantize)
+        m = self.setup.models
+        parents = ResidentParents(list(m.paths), device=m.device, dtype=m.dtype,
+                                  allow_pickle=m.allow_pickle)
+        self.resident = ResidentModel(parents, quantize=self.setup.evaluator.quantize)
         self.tokenizer = AutoTokenizer.from_pretrained(
-            parents.folder, trust_remote_code=s.trust_remote_code)
+            parents.folder, trust_remote_code=m.trust_remote_code)
 
     def ready(self) -> WorkerInfo:
         """The process id and the set-up error (``None`` when set-up succeeded)."""

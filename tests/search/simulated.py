@@ -10,8 +10,9 @@ folder on their path (pytest runs from the repository root); subprocesses need
 
 Example:
     >>> from search.run.worker import Worker, WorkerSetup
-    >>> from search.config import TaskConfig
-    >>> w = Worker(simulated(WorkerSetup(models=("/m/base", "/m/a"), tasks=(TaskConfig("t"),))))
+    >>> from search.config import EvaluatorConfig, ModelsConfig, TaskConfig
+    >>> setup = WorkerSetup(ModelsConfig("/m/base", ("/m/a",)), EvaluatorConfig((TaskConfig("t"),)))
+    >>> w = Worker(simulated(setup))
     >>> w.start({"merge_method": "linear", "models": [
     ...     {"model": "/m/a", "parameters": {"weight": 0.5}}]}).objective
     1.0
@@ -76,5 +77,5 @@ class SimulatedEvaluator:
 
 def simulated(setup: WorkerSetup, sleep_s: float = 0.0, target: str = TARGET) -> WorkerSetup:
     """``setup`` with the simulated evaluator (``target`` names where it is imported from)."""
-    return dataclasses.replace(setup, evaluator=target,
-                               evaluator_options={"sleep_s": sleep_s})
+    evaluator = dataclasses.replace(setup.evaluator, target=target, options={"sleep_s": sleep_s})
+    return dataclasses.replace(setup, evaluator=evaluator)

@@ -433,7 +433,7 @@ def test_evaluator_target_and_options_from_overrides() -> None:
     cfg = compose([*OVERRIDES, "+evaluator.options.sleep_s=0.5"])
     assert (cfg.evaluator.target, dict(cfg.evaluator.options)) == (TARGET, {"sleep_s": 0.5})
     setup = worker_setup(cfg)
-    assert (setup.evaluator, dict(setup.evaluator_options)) == (TARGET, {"sleep_s": 0.5})
+    assert (setup.evaluator.target, dict(setup.evaluator.options)) == (TARGET, {"sleep_s": 0.5})
 
 
 @pytest.mark.parametrize(("overrides", "needles"), [

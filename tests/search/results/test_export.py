@@ -67,9 +67,9 @@ def _resident_state(run_dir: Path, recipe: Recipe) -> dict[str, torch.Tensor]:
     from search.merge.resident import ResidentModel, ResidentParents
     from search.run.launch import worker_setup
 
-    s = worker_setup(_cfg(run_dir))
-    parents = ResidentParents(list(s.models), device=s.device, dtype=s.dtype,
-                              allow_pickle=s.allow_pickle)
+    m = worker_setup(_cfg(run_dir)).models
+    parents = ResidentParents(list(m.paths), device=m.device, dtype=m.dtype,
+                              allow_pickle=m.allow_pickle)
     resident = ResidentModel(parents)
     resident.materialize(recipe)
     return {n: t.detach().cpu().clone() for n, t in resident.targets.items()}

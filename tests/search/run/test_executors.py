@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 import torch
 
-from search.config import ParallelConfig, TaskConfig
+from search.config import EvaluatorConfig, ModelsConfig, ParallelConfig, TaskConfig
 from search.errors import SoupError
 from search.run.executors import Outcome, RayExecutor, SerialExecutor, _ray_temp_dir
 from search.run.worker import Worker, WorkerInfo, WorkerResult, WorkerSetup
 from tests.search.simulated import simulated
 
-SETUP = simulated(WorkerSetup(models=("/m/base", "/m/a", "/m/b"),
-                              tasks=(TaskConfig("add"), TaskConfig("dup", weight=3.0)),
-                              stages=(0.5, 1.0)))
+SETUP = simulated(WorkerSetup(
+    ModelsConfig("/m/base", ("/m/a", "/m/b")),
+    EvaluatorConfig((TaskConfig("add"), TaskConfig("dup", weight=3.0)), stages=(0.5, 1.0))))
 RECIPE = {"merge_method": "linear", "models": [
     {"model": "/m/a", "parameters": {"weight": 0.5}},
     {"model": "/m/b", "parameters": {"weight": 0.1}}]}
