@@ -1,4 +1,4 @@
-"""Atomic output folders: build in a hidden sibling, then rename into place.
+"""Atomic writes: a file or folder is built in a hidden sibling, then renamed into place.
 
 Example:
     >>> import tempfile
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -35,3 +36,20 @@ def replace_folder(tmp: Path, out: Path, force: bool, what: str = "output folder
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary sibling (usual permissions)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from search.atomic import write_text
 from search.config_fields import (
     build,
     expert_ref,
@@ -242,15 +243,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
 
 def save(cfg: Any, path: Path) -> None:
     """Writes a composed ``DictConfig`` as YAML, unresolved (no secrets), atomically."""
-    import tempfile
-
-    from omegaconf import OmegaConf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text(path, to_yaml(cfg))
 
 
 def to_yaml(cfg: Any) -> str:

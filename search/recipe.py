@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from search.atomic import write_text
 from search.errors import SoupError
 
 # Keys of mergekit's configuration that this project reads and writes.
@@ -244,18 +244,7 @@ class Recipe:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the YAML atomically (temp file, then rename)."""
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_yaml())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(path, self.to_yaml())
 
     def canonical(self) -> str:
         """A canonical JSON text: equal for recipes that mean the same merge.
