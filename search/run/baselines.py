@@ -32,11 +32,8 @@ def soup(models: Sequence[str], dtype: str | None = None) -> Recipe:
 def initial(base: str, experts: Sequence[str], dtype: str | None = None
             ) -> list[tuple[str, Recipe]]:
     """The baselines that need no other score: the base, each expert, the uniform soup."""
-    out = [(BASE, soup([base], dtype))]
-    out += [(PARENT, soup([e], dtype)) for e in experts]
-    if len(experts) > 1:
-        out.append((UNIFORM, soup(experts, dtype)))
-    return out
+    uniform = [(UNIFORM, soup(experts, dtype))] if len(experts) > 1 else []
+    return [(BASE, soup([base], dtype)), *((PARENT, soup([e], dtype)) for e in experts), *uniform]
 
 
 @dataclass(frozen=True)

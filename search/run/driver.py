@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,16 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search import study as st
 from search.config import SearchConfig
+from search.errors import SoupError, one_line
+from search.merge.methods import validate_recipe
 from search.recipe import Recipe
 from search.run import ledger as lg
-from search.run.executors import Executor
+from search.run.executors import Executor, Outcome
 from search.run.progress import Progress
 from search.run.seeding import Seeding
 from search.run.space import Space
-from search.run.trials import give_back, tell, trial_recipe
 from search.run.worker import WorkerResult
-from search.study.liveness import others_alive, reseed_if_shared
+from search.study import liveness as lv
 
 log = logging.getLogger(__name__)
 SYNC_S = 1.0  # re-read the study at most this often while results arrive
@@ -64,19 +64,13 @@ class Summary:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _values(result: WorkerResult, tasks: Sequence[str], multi: bool) -> list[float]:
-    if multi:
-        return [float(result.metrics[t]) for t in tasks]
-    return [float(result.objective)]
-
-
 class Driver:
     """Runs one search against a study until the budget is spent."""
 
     def __init__(self, cfg: SearchConfig, study: optuna.Study, space: Space,
                  executor: Executor, show_progress: bool = True) -> None:
         self.cfg, self.study, self.space, self.ex = cfg, study, space, executor
-        self.me = st.driver_id()
+        self.me = lv.driver_id()
         self._start = time.time()
         self.tasks = [t.name for t in cfg.evaluator.tasks]
         self.running: dict[int, _Running] = {}  # trial number -> submitted trial
@@ -93,8 +87,6 @@ class Driver:
         self._reports = not cfg.multi_objective and (
             len(cfg.evaluator.stages) > 1 or cfg.pruner.target is not None)
 
-    # -- storage views ---------------------------------------------------------------
-
     def _sync(self) -> dict[str, int]:
         """Re-reads every trial: budget counts, dedup table, progress."""
         self._trials = self.study.get_trials(deepcopy=False)
@@ -105,17 +97,17 @@ class Driver:
 
     def _beat(self, force: bool = False) -> None:
         now = time.time()
-        if force or now - self._last_beat > st.HEARTBEAT_S:
-            st.heartbeat(self.study, self.me, self._start)
+        if force or now - self._last_beat > lv.HEARTBEAT_S:
+            lv.heartbeat(self.study, self.me, self._start)
             self._last_beat = now
-            if now - self._last_recover > 3 * st.HEARTBEAT_S:
+            if now - self._last_recover > 3 * lv.HEARTBEAT_S:
                 self._last_recover = now
-                got = st.recover_stale(self.study, self.cfg.stale_after_s,
-                                       self.cfg.max_retries, self.me)
-                self.summary.recovered += got
+                self._recover()
                 self._sync()
 
-    # -- trials --------------------------------------------------------------------
+    def _recover(self) -> None:
+        self.summary.recovered += lv.recover_stale(self.study, self.cfg.stale_after_s,
+                                                   self.cfg.max_retries, self.me)
 
     def _ask(self) -> bool:
         """Asks one trial and places it (ready, held or settled); False if none was.
@@ -129,15 +121,21 @@ class Driver:
         self.ledger.asked += 1
         enqueued = dict(trial.user_attrs)  # an enqueued trial's attributes (else empty)
         trial.set_user_attr(st.ATTR_DRIVER, self.me)
-        recipe, error = trial_recipe(self.space, trial)
+        recipe, error = self._recipe(trial)
         if st.ATTR_RECIPE not in enqueued:
             trial.set_user_attr(st.ATTR_RECIPE, recipe.to_dict() if recipe else None)
         trials = None
-        if others_alive(self.study.user_attrs, self.me, self.cfg.stale_after_s):
+        if lv.others_alive(self.study.user_attrs, self.me, self.cfg.stale_after_s):
             self._sync()
             trials = self._trials
             if lg.surplus(trials, trial.number, self.cfg.n_trials):
-                give_back(self.study, trial, enqueued)
+                # over the budget: failed as surplus, never evaluated; an enqueued trial
+                # goes back to the queue
+                trial.set_user_attr("surplus", True)
+                lv.tell(self.study, trial, None, TrialState.FAIL)
+                if st.ATTR_RECIPE in enqueued:
+                    self.study.enqueue_trial(dict(trial.params), user_attrs=enqueued,
+                                             skip_if_exists=False)
                 return False
         if recipe is None:
             self._fail(trial, error)
@@ -150,13 +148,30 @@ class Driver:
                 self.ready.append(run)
         return True
 
+    def _recipe(self, trial: Trial) -> tuple[Recipe | None, str]:
+        """The trial's recipe, sampled or the one it was enqueued with, or the error (one
+        line). An enqueued recipe the space expresses is suggested too, so the sampler learns
+        from its values; one outside the space leaves the trial without parameters."""
+        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
+        try:
+            if fixed is None:
+                recipe = self.space.suggest(trial)
+            else:
+                recipe = Recipe.from_dict(fixed)
+                if self.space.params_for(recipe) is not None:
+                    self.space.suggest(trial)
+            validate_recipe(recipe)
+        except SoupError as exc:
+            return None, one_line(exc, with_type=True)
+        return recipe, ""
+
     def _dup(self, run: _Running) -> bool:
         """Completes ``run`` as the duplicate of a trial that scored its recipe, if any."""
         dup = self.ledger.scored.get(run.recipe.hash()) if self.cfg.dedup else None
         if dup is None:
             return False
         run.trial.set_user_attr("duplicate_of", dup[0])
-        tell(self.study, run.trial, dup[1])
+        lv.tell(self.study, run.trial, dup[1])
         self.summary.reused += 1
         return True
 
@@ -184,26 +199,28 @@ class Driver:
 
     def _fail(self, trial: Trial, reason: str) -> None:
         trial.set_user_attr(st.ATTR_ERROR, reason)
-        tell(self.study, trial, None, TrialState.FAIL)
+        lv.tell(self.study, trial, None, TrialState.FAIL)
         self.summary.failed += 1
-        h = lg.hash_of(trial.user_attrs.get(st.ATTR_RECIPE))
+        h = lg.recipe_hash(trial)
         if h is not None:
             self.ledger.failed.add(h)
         log.info("trial %d failed: %s", trial.number, reason)
 
-    def _handle(self, key: int, result: WorkerResult | None, died: bool, reason: str) -> None:
+    def _handle(self, o: Outcome) -> None:
+        key, result = o.key, o.result
         run = self.running.pop(key)
         trial = run.trial
-        if died or result is None:
+        if o.died or result is None:
             self.summary.died += 1
             frozen = self.study._storage.get_trial(trial._trial_id)
-            st.fail_and_requeue(self.study, frozen, reason, self.cfg.max_retries)
-            log.warning("trial %d: %s", key, reason)
+            lv.fail_and_requeue(self.study, frozen, o.reason, self.cfg.max_retries)
+            log.warning("trial %d: %s", key, o.reason)
             return
         if not result.ok:
             self._fail(trial, str(result.error))
             return
-        values = _values(result, self.tasks, self.cfg.multi_objective)
+        values = [float(result.metrics[t]) for t in self.tasks] if self.cfg.multi_objective \
+            else [float(result.objective)]
         if not all(math.isfinite(v) for v in values):
             self._fail(trial, f"ValueError: the scores are not finite: {values}")
             return
@@ -216,16 +233,14 @@ class Driver:
             if not prune:
                 self.running[key] = run
                 return
-            trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
-            tell(self.study, trial, None, TrialState.PRUNED)
+        trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
+        if prune:
+            lv.tell(self.study, trial, None, TrialState.PRUNED)
             self.summary.pruned += 1
             return
-        trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
-        tell(self.study, trial, values)
+        lv.tell(self.study, trial, values)
         self.summary.evaluated += 1
         self.ledger.add(run.recipe.hash(), trial.number, values, float(result.objective))
-
-    # -- the loop ------------------------------------------------------------------
 
     def run(self) -> Summary:
         """Runs until this study's budget is spent; returns the summary."""
@@ -252,9 +267,8 @@ class Driver:
 
     def _loop(self) -> None:
         self._beat(force=True)
-        reseed_if_shared(self.study, self.me, self.cfg.stale_after_s)
-        self.summary.recovered = st.recover_stale(self.study, self.cfg.stale_after_s,
-                                                  self.cfg.max_retries, self.me)
+        lv.reseed_if_shared(self.study, self.me, self.cfg.stale_after_s)
+        self._recover()
         self.seeding.seed_study()
         self._sync()
         while True:
@@ -264,15 +278,13 @@ class Driver:
                 c = self._sync()
                 if c["done"] >= self.cfg.n_trials:
                     break
-                if c["running"] == 0 and c["waiting"] == 0 and not self.seeding.may_sample():
+                stuck = c["running"] == 0 and c["waiting"] == 0 and not self.seeding.may_sample()
+                if stuck:
                     self.seeding.advance()
                     if not self.seeding.may_sample() and self.seeding.leader():
                         log.warning("greedy soup cannot proceed; sampling without it")
                         self.seeding.done = True
-                    time.sleep(0.2)
-                    self._beat()
-                    continue
-                time.sleep(0.5)  # other drivers are finishing the last trials
+                time.sleep(0.2 if stuck else 0.5)  # else others finish the last trials
                 self._beat()
                 continue
             outcomes = self.ex.poll(timeout=RECHECK_S if self.held else 1.0)
@@ -281,7 +293,7 @@ class Driver:
                         and (not o.result.ok or o.result.final))
             self._submit(min(freed, len(self.ready)))
             for o in outcomes:
-                self._handle(o.key, o.result, o.died, o.reason)
+                self._handle(o)
             if self.held:
                 self._recheck()
             elif outcomes and time.time() - self._last_sync > SYNC_S:

@@ -19,12 +19,12 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from search.atomic import write_text
 from search.config import ParallelConfig
 from search.errors import SoupError, one_line
 from search.run.worker import Worker, WorkerInfo, WorkerResult, WorkerSetup
@@ -50,33 +50,21 @@ class Executor(Protocol):
 
     def submit(self, key: int, recipe: dict[str, Any]) -> None:
         """Starts trial ``key`` on a free slot (the caller keeps ``slots`` in mind)."""
-        ...
 
     def advance(self, key: int, go_on: bool) -> None:
         """Scores the next stage of ``key``, or drops it (``go_on=False``)."""
-        ...
 
     def poll(self, timeout: float) -> list[Outcome]:
         """Results that arrived within ``timeout`` seconds (maybe none)."""
-        ...
 
     def close(self) -> None:
         """Stops the workers; trials in flight are dropped (storage keeps them RUNNING)."""
-        ...
 
 
 def _write_pids(run_dir: Path | None, pids: list[int]) -> None:
     if run_dir is None:
         return
-    path = run_dir / "workers.json"
-    fd, tmp = tempfile.mkstemp(prefix=".workers.", dir=run_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"driver": os.getpid(), "workers": pids}, fh)
-    os.replace(tmp, path)
-
-
-def _setup_error(error: str) -> SoupError:
-    return SoupError(f"worker set-up failed: {error}")
+    write_text(run_dir / "workers.json", json.dumps({"driver": os.getpid(), "workers": pids}))
 
 
 class SerialExecutor:
@@ -85,17 +73,17 @@ class SerialExecutor:
     def __init__(self, setup: WorkerSetup, run_dir: Path | None = None) -> None:
         self.worker = Worker(setup)
         if self.worker.init_error:
-            raise _setup_error(self.worker.init_error)
+            raise SoupError(f"worker set-up failed: {self.worker.init_error}")
         self.slots = 1
-        self._queue: list[tuple[int, str, dict[str, Any] | None]] = []
+        self._queue: list[tuple[int, dict[str, Any] | None]] = []  # None: advance
         _write_pids(run_dir, [os.getpid()])
 
     def submit(self, key: int, recipe: dict[str, Any]) -> None:
-        self._queue.append((key, "start", recipe))
+        self._queue.append((key, recipe))
 
     def advance(self, key: int, go_on: bool) -> None:
         if go_on:
-            self._queue.append((key, "advance", None))
+            self._queue.append((key, None))
         else:
             self.worker.abandon()
 
@@ -103,9 +91,8 @@ class SerialExecutor:
         if not self._queue:
             time.sleep(min(timeout, 0.05))
             return []
-        key, op, recipe = self._queue.pop(0)
-        result = self.worker.start(recipe) if op == "start" and recipe is not None \
-            else self.worker.advance()
+        key, recipe = self._queue.pop(0)
+        result = self.worker.advance() if recipe is None else self.worker.start(recipe)
         return [Outcome(key, result)]
 
     def close(self) -> None:
@@ -136,8 +123,7 @@ class RayExecutor:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "logging_level": logging.WARNING,
-                                      "configure_logging": False}
+                                      "logging_level": logging.WARNING, "configure_logging": False}
             if cfg.address:
                 ray.init(address=cfg.address, **kwargs)
             else:
@@ -242,7 +228,7 @@ class RayExecutor:
                 self._spawn()
                 continue
             if info.error:
-                raise _setup_error(info.error)
+                raise SoupError(f"worker set-up failed: {info.error}")
             self.pids[actor] = info.pid
             self.free.append(actor)
         _write_pids(self.run_dir, sorted(self.pids.values()))
@@ -294,13 +280,10 @@ class RayExecutor:
     def close(self) -> None:
         for actor in [*self.free, *self.held.values(), *(a for _, a in self.busy.values())]:
             self.ray.kill(actor)
-        self.free.clear()
-        self.busy.clear()
-        self.held.clear()
+        self.free, self.busy, self.held = [], {}, {}
 
 
 def make_executor(setup: WorkerSetup, cfg: ParallelConfig, run_dir: Path) -> Executor:
-    """The executor that ``cfg.kind`` names."""
     if cfg.kind == "serial":
         return SerialExecutor(setup, run_dir)
     return RayExecutor(setup, cfg, run_dir)

@@ -26,31 +26,28 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search.errors import SoupError
 from search.recipe import Recipe
 from search.study import ATTR_RECIPE, ATTR_REQUEUED, ATTR_SCORES, counts
+from search.study.trials import started_at
 
 RECIPE_WAIT_S = 10.0  # a trial ahead without its recipe after this long has lost its driver
 _AHEAD = (TrialState.RUNNING, TrialState.WAITING)
 
 
-def hash_of(recipe: dict[str, Any] | None) -> str | None:
-    """The canonical hash of a stored recipe; None for none (or one that does not parse)."""
+def recipe_hash(t: FrozenTrial | Trial) -> str | None:
+    """The canonical hash of a trial's stored recipe; None when it has none (yet) or one
+    that does not parse."""
+    recipe = t.user_attrs.get(ATTR_RECIPE)
     if recipe is None:
         return None
     try:
         return Recipe.from_dict(recipe).hash()
     except SoupError:
         return None
-
-
-def recipe_hash(t: FrozenTrial) -> str | None:
-    """The canonical hash of a stored trial's recipe, or None when it has none (yet)."""
-    return hash_of(t.user_attrs.get(ATTR_RECIPE))
 
 
 @dataclass
@@ -97,7 +94,6 @@ class Ledger:
         return self.counts["done"] + self.counts["running"] + self.asked
 
     def best(self) -> float | None:
-        """The best objective scored so far."""
         return max((o for _, _, o in self.scored.values()), default=None)
 
     def score_of(self, recipe: Recipe) -> float | None:
@@ -108,9 +104,7 @@ class Ledger:
         return -math.inf if h in self.failed else None
 
     def number_of(self, h: str) -> int | None:
-        """The number of the trial that scored recipe ``h``, if one did."""
-        entry = self.scored.get(h)
-        return None if entry is None else entry[0]
+        return self.scored[h][0] if h in self.scored else None
 
 
 def surplus(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
@@ -125,14 +119,6 @@ def blocked(trials: Sequence[FrozenTrial], number: int, h: str,
     """Whether trial ``number`` (recipe ``h``) must wait: a running trial ahead of it
     evaluates ``h``, or has no recipe yet and was asked under :data:`RECIPE_WAIT_S` ago."""
     now = time.time() if now is None else now
-    for t in trials:
-        if t.number >= number or t.state != TrialState.RUNNING:
-            continue
-        theirs = recipe_hash(t)
-        if theirs == h:
-            return True
-        started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-        if theirs is None and ATTR_RECIPE not in t.user_attrs and \
-                now - started < RECIPE_WAIT_S:
-            return True
-    return False
+    ahead = (t for t in trials if t.number < number and t.state == TrialState.RUNNING)
+    return any(recipe_hash(t) == h or (ATTR_RECIPE not in t.user_attrs
+                                       and now - started_at(t) < RECIPE_WAIT_S) for t in ahead)

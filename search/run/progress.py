@@ -20,33 +20,27 @@ class Progress:
     """A tqdm bar fed from the storage counts (so every driver shows the whole study)."""
 
     def __init__(self, total: int, enabled: bool = True, multi: bool = False) -> None:
-        self.total = total
-        self.multi = multi
-        self.postfix = ""
+        self.total, self.postfix = total, ""
+        self._label = "best mean" if multi else "best"
         self._bar: Any = None
         self._enabled = enabled
-        self._n = 0
 
     def update(self, counts: dict[str, int], best: float | None) -> None:
         """Moves the bar to ``counts["done"]`` and refreshes the figures."""
-        label = "best mean" if self.multi else "best"
         best_text = "-" if best is None else f"{best:.4f}"
-        self.postfix = (f"{label}={best_text} run={counts.get('running', 0)} "
+        self.postfix = (f"{self._label}={best_text} run={counts.get('running', 0)} "
                         f"fail={counts.get('failed', 0)} pruned={counts.get('pruned', 0)}")
-        done = min(counts.get("done", 0), self.total)
         if not self._enabled:
-            self._n = done
             return
+        done = min(counts.get("done", 0), self.total)
         if self._bar is None:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, initial=done, desc="trials", unit="trial",
                              file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
                              mininterval=0.5)
-            self._n = done
-        if done > self._n:
-            self._bar.update(done - self._n)
-            self._n = done
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
         self._bar.set_postfix_str(self.postfix, refresh=False)
 
     def close(self) -> None:

@@ -24,20 +24,14 @@ from search.recipe import Recipe
 from search.run import baselines as bl
 from search.run.ledger import Ledger, recipe_hash
 from search.run.space import Space
+from search.study.liveness import leader
 
 log = logging.getLogger(__name__)
 
 
 class Seeding:
-    """Enqueues the baselines, seeds and greedy-soup steps of one study.
-
-    Args:
-        cfg: the search config.
-        study: the study.
-        space: the searched space (an enqueued recipe gets its parameters in it).
-        ledger: the driver's scores, for the greedy soup's steps.
-        me: this driver's id (only the leader enqueues).
-    """
+    """Enqueues the baselines, seeds and greedy-soup steps of one study (as the leader,
+    driver ``me``), each with its parameters in ``space``, steps from ``ledger``'s scores."""
 
     def __init__(self, cfg: SearchConfig, study: optuna.Study, space: Space, ledger: Ledger,
                  me: str) -> None:
@@ -45,14 +39,12 @@ class Seeding:
         self.done = not cfg.baselines  # the greedy soup is finished (or not wanted)
 
     def leader(self) -> bool:
-        """Whether this driver is the leader of the study."""
-        return st.leader(self.study.user_attrs, self.cfg.stale_after_s) == self.me
+        return leader(self.study.user_attrs, self.cfg.stale_after_s) == self.me
 
     def may_sample(self) -> bool:
         """The sampler may propose once the baselines are done (or none is waiting)."""
-        if self.done:
-            return True
-        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return self.done or bool(self.study.get_trials(deepcopy=False,
+                                                       states=(TrialState.WAITING,)))
 
     def _enqueue(self, recipe: Recipe, tag: str, **extra: Any) -> None:
         params = self.space.params_for(recipe) or {}
@@ -62,9 +54,8 @@ class Seeding:
 
     def seed_study(self) -> None:
         """Enqueues the baselines and the user's seed recipes, once per study."""
-        if not self.cfg.baselines and not self.cfg.seeds:
-            return
-        if self.study.user_attrs.get("baselines.enqueued") or not self.leader():
+        if not (self.cfg.baselines or self.cfg.seeds) or \
+                self.study.user_attrs.get("baselines.enqueued") or not self.leader():
             return  # the first live driver seeds the study
         m = self.cfg.models
         seeds = bl.load_seeds(self.cfg.seeds, (m.base, *m.experts))  # a bad seed: no write

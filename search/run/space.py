@@ -46,11 +46,12 @@ class _Param:
     fixed: Any = None
 
 
-def _override(cfg: SpaceConfig, method: str, name: str) -> Any:
+def _override(cfg: SpaceConfig, method: str, name: str) -> tuple[Any, str]:
+    """A parameter's setting in ``space.params`` (the method's own first), and its key."""
     per_method = cfg.params.get(method)
     if isinstance(per_method, Mapping) and name in per_method:
-        return per_method[name]
-    return cfg.params.get(name)
+        return per_method[name], f"space.params.{method}.{name}"
+    return cfg.params.get(name), f"space.params.{name}"
 
 
 def _distribution(spec: ParamSpec, value: Any, where: str) -> tuple[BaseDistribution | None, Any]:
@@ -85,12 +86,10 @@ class Space:
 
     def __init__(self, cfg: SpaceConfig, base: str, experts: Sequence[str],
                  methods: Mapping[str, MergeMethod], seed: int = 0) -> None:
-        self.cfg = cfg
-        self.base = base
+        self.cfg, self.base, self.seed = cfg, base, seed
         self.experts = tuple(experts)
         self.short = short_names(self.experts)
         self.methods = dict(methods)
-        self.seed = seed
         self.anchors = cfg.per_layer_anchors if cfg.per_layer_anchors >= 2 else 0
         self._params = {name: self._method_params(m) for name, m in self.methods.items()}
 
@@ -126,10 +125,7 @@ class Space:
     def _method_params(self, method: MergeMethod) -> list[_Param]:
         out: list[_Param] = []
         for spec in method.params:
-            per_method = self.cfg.params.get(method.name)
-            where = f"space.params.{method.name}.{spec.name}" if isinstance(
-                per_method, Mapping) and spec.name in per_method else f"space.params.{spec.name}"
-            dist, fixed = _distribution(spec, _override(self.cfg, method.name, spec.name), where)
+            dist, fixed = _distribution(spec, *_override(self.cfg, method.name, spec.name))
             models: list[int | None] = list(range(len(self.experts))) \
                 if spec.per_model and dist is not None else [None]
             out.extend(_Param(spec, i, dist, fixed) for i in models)
@@ -138,12 +134,13 @@ class Space:
     def _subsets(self, method: MergeMethod) -> list[str]:
         if method.max_models is None or method.max_models >= len(self.experts):
             return []
-        k = method.max_models
-        return ["+".join(c) for c in itertools.combinations(self.short, k)]
+        return ["+".join(c) for c in itertools.combinations(self.short, method.max_models)]
 
-    def _key(self, method: str, p: _Param) -> str:
+    def _names(self, method: str, p: _Param) -> list[str]:
+        """The trial parameters of ``p``: one, or one per anchor (``NAME@i``)."""
         key = f"{method}.{p.spec.name}"
-        return key if p.model is None else f"{key}.{self.short[p.model]}"
+        key = key if p.model is None else f"{key}.{self.short[p.model]}"
+        return [f"{key}@{i}" for i in range(self.anchors)] if self._anchored(p) else [key]
 
     def _anchored(self, p: _Param) -> bool:
         return bool(self.anchors) and p.spec.per_layer and isinstance(p.dist, FloatDistribution)
@@ -155,22 +152,15 @@ class Space:
         if subsets:
             out.append((f"{method}.models", CategoricalDistribution(subsets)))
         for p in self._params[method]:
-            if p.dist is None:
-                continue
-            key = self._key(method, p)
-            if self._anchored(p):
-                out.extend((f"{key}@{i}", p.dist) for i in range(self.anchors))
-            else:
-                out.append((key, p.dist))
+            if p.dist is not None:
+                out.extend((name, p.dist) for name in self._names(method, p))
         return out
 
     @property
     def has_categorical(self) -> bool:
         """Whether any suggested parameter is categorical (CMA-ES cannot sample those)."""
-        if len(self.methods) > 1:
-            return True
-        return any(isinstance(d, CategoricalDistribution)
-                   for m in self.methods for _, d in self.distributions(m))
+        return len(self.methods) > 1 or any(isinstance(d, CategoricalDistribution)
+                                            for m in self.methods for _, d in self.distributions(m))
 
     def suggest(self, trial: BaseTrial) -> Recipe:
         """Samples a method and its parameters from ``trial``; returns the recipe."""
@@ -193,11 +183,8 @@ class Space:
                 if p.fixed is not None:
                     glob[p.spec.name] = p.fixed
                 continue
-            key = self._key(method, p)
-            if self._anchored(p):
-                value: Any = [values[f"{key}@{i}"] for i in range(self.anchors)]
-            else:
-                value = values[key]
+            names = self._names(method, p)
+            value = [values[n] for n in names] if self._anchored(p) else values[names[0]]
             if p.model is None:
                 glob[p.spec.name] = value
             elif p.model in per_model:
@@ -240,22 +227,19 @@ class Space:
                 entry = listed.get(self.experts[p.model])
                 if entry is None and subsets:
                     continue  # not in the chosen subset: its value is never used
-                if entry is None:
-                    if p.spec.left_out is None:
-                        return None
-                    value = p.spec.left_out
-                else:
-                    value = entry.parameters.get(p.spec.name)
+                if entry is None and p.spec.left_out is None:
+                    return None
+                value = p.spec.left_out if entry is None else entry.parameters.get(p.spec.name)
             if value is None:
                 value = recipe.parameters.get(p.spec.name, p.spec.default)
             if not _fits(value, p.dist, self.anchors if self._anchored(p) else 0):
                 return None
-            key = self._key(method, p)
+            names = self._names(method, p)
             if self._anchored(p):
                 vals = value if isinstance(value, list) else [value] * self.anchors
-                out.update({f"{key}@{i}": float(v) for i, v in enumerate(vals)})
+                out.update({n: float(v) for n, v in zip(names, vals, strict=True)})
             else:
-                out[key] = value
+                out[names[0]] = value
         return out
 
 
@@ -272,8 +256,5 @@ def _fits(value: Any, dist: BaseDistribution, anchors: int) -> bool:
         return value in dist.choices
     if anchors and isinstance(value, list):
         return len(value) == anchors and all(_fits(v, dist, 0) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if not isinstance(dist, FloatDistribution):
-        return False
-    return dist.low - 1e-12 <= float(value) <= dist.high + 1e-12
+    return isinstance(dist, FloatDistribution) and isinstance(value, (int, float)) and \
+        not isinstance(value, bool) and dist.low - 1e-12 <= float(value) <= dist.high + 1e-12

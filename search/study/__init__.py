@@ -10,16 +10,6 @@ Example:
 
 from __future__ import annotations
 
-from search.study.liveness import (
-    HEARTBEAT_S,
-    driver_alive,
-    driver_id,
-    fail_and_requeue,
-    finish_from_scores,
-    heartbeat,
-    leader,
-    recover_stale,
-)
 from search.study.storage import StorageError, open_storage, open_study, redact
 from search.study.trials import (
     ATTR_BASELINE,
@@ -27,18 +17,14 @@ from search.study.trials import (
     ATTR_ERROR,
     ATTR_RECIPE,
     ATTR_REQUEUED,
-    ATTR_RETRIES,
     ATTR_SCORES,
-    HELDOUT_PREFIX,
     counts,
     heldout_key,
     heldout_scores,
 )
 
 __all__ = [
-    "ATTR_BASELINE", "ATTR_DRIVER", "ATTR_ERROR", "ATTR_RECIPE", "ATTR_REQUEUED",
-    "ATTR_RETRIES", "ATTR_SCORES", "HEARTBEAT_S", "HELDOUT_PREFIX", "StorageError",
-    "counts", "driver_alive", "driver_id", "fail_and_requeue", "finish_from_scores",
-    "heartbeat", "heldout_key", "heldout_scores", "leader", "open_storage", "open_study",
-    "recover_stale", "redact",
+    "ATTR_BASELINE", "ATTR_DRIVER", "ATTR_ERROR", "ATTR_RECIPE", "ATTR_REQUEUED", "ATTR_SCORES",
+    "StorageError", "counts", "heldout_key", "heldout_scores", "open_storage", "open_study",
+    "redact",
 ]

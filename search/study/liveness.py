@@ -21,8 +21,9 @@ import uuid
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
+from search.errors import one_line
 from search.study import trials as tr
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,22 @@ def _beat_of(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _live_drivers(study_attrs: dict[str, Any], stale_after_s: float) -> dict[str, Any]:
+    """The live registered drivers: id -> what :func:`heartbeat` stored for it."""
+    ids = [k[len("driver."):] for k in study_attrs if k.startswith("driver.")]
+    return {d: study_attrs[f"driver.{d}"] for d in ids
+            if driver_alive(study_attrs, d, stale_after_s)}
+
+
 def leader(study_attrs: dict[str, Any], stale_after_s: float) -> str | None:
     """The live driver registered first: it alone seeds baselines and the greedy soup."""
-    alive = [(v.get("start", 0.0), k[len("driver."):]) for k, v in study_attrs.items()
-             if k.startswith("driver.") and isinstance(v, dict)
-             and driver_alive(study_attrs, k[len("driver."):], stale_after_s)]
+    alive = [(v.get("start", 0.0), d) for d, v in _live_drivers(study_attrs, stale_after_s).items()
+             if isinstance(v, dict)]
     return min(alive)[1] if alive else None
 
 
 def others_alive(study_attrs: dict[str, Any], me: str, stale_after_s: float) -> bool:
-    """Whether a live driver other than ``me`` is registered in ``study_attrs``."""
-    return any(k.startswith("driver.") and k != f"driver.{me}"
-               and driver_alive(study_attrs, k[len("driver."):], stale_after_s)
-               for k in study_attrs)
+    return any(d != me for d in _live_drivers(study_attrs, stale_after_s))
 
 
 def reseed_if_shared(study: optuna.Study, me: str, stale_after_s: float) -> None:
@@ -80,21 +84,20 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def driver_alive(study_attrs: dict[str, Any], owner: str | None, stale_after_s: float,
                  now: float | None = None) -> bool:
     """Whether the driver ``owner`` of a RUNNING trial is still alive."""
-    if not owner:
+    beat = _beat_of(study_attrs.get(f"driver.{owner}")) if owner else None
+    if beat is None:
         return False
-    now = time.time() if now is None else now
-    beat = _beat_of(study_attrs.get(f"driver.{owner}"))
-    host, pid, _ = [*owner.split(":"), "", "", ""][:3]
+    host, pid, _ = [*str(owner).split(":"), "", "", ""][:3]
     if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid)) and beat is not None
-    return beat is not None and now - float(beat) < stale_after_s
+        return _pid_alive(int(pid))
+    return (time.time() if now is None else now) - beat < stale_after_s
 
 
 def recover_stale(study: optuna.Study, stale_after_s: float, max_retries: int,
@@ -104,18 +107,15 @@ def recover_stale(study: optuna.Study, stale_after_s: float, max_retries: int,
     A trial whose final scores were already stored is completed with them; any other is
     failed and its parameters re-enqueued (up to ``max_retries`` times).
     """
-    attrs = study.user_attrs
     recovered = []
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in running:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(tr.ATTR_DRIVER)
         if owner == me:
             continue
         if owner is None:  # asked but not yet claimed: give its driver a moment
-            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-            if time.time() - started < min(stale_after_s, 60.0):
+            if time.time() - tr.started_at(t) < min(stale_after_s, 60.0):
                 continue
-        elif driver_alive(attrs, owner, stale_after_s):
+        elif driver_alive(study.user_attrs, owner, stale_after_s):
             continue
         if finish_from_scores(study, t) or fail_and_requeue(
                 study, t, f"driver {owner or '?'} stopped while the trial was running",
@@ -124,18 +124,22 @@ def recover_stale(study: optuna.Study, stale_after_s: float, max_retries: int,
     return recovered
 
 
-def finish_from_scores(study: optuna.Study, t: FrozenTrial) -> bool:
-    """Completes ``t`` with its stored final scores, if it has them."""
-    scores = t.user_attrs.get(tr.ATTR_SCORES)
-    if not scores or not scores.get("final"):
-        return False
-    values = scores["values"]
+def tell(study: optuna.Study, trial: Trial | int, values: list[float] | None,
+         state: TrialState | None = None) -> bool:
+    """``study.tell``; a trial another driver finished meanwhile (it took this driver
+    for dead, or recovered the trial too) is left as it is, with a warning (False)."""
     try:
-        study.tell(t.number, values)
-    except (ValueError, RuntimeError) as exc:  # finished by another driver meanwhile
-        log.info("trial %d: %s", t.number, exc)
+        study.tell(trial, values, state=state)
+    except (ValueError, RuntimeError) as exc:
+        log.warning("trial %s: %s", getattr(trial, "number", trial), one_line(exc))
         return False
     return True
+
+
+def finish_from_scores(study: optuna.Study, t: FrozenTrial) -> bool:
+    """Completes ``t`` with its stored final scores, if it has them."""
+    scores = t.user_attrs.get(tr.ATTR_SCORES) or {}
+    return bool(scores.get("final")) and tell(study, t.number, scores["values"])
 
 
 def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, max_retries: int) -> bool:

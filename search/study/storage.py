@@ -29,6 +29,7 @@ _SECRET = re.compile(r"(://[^/:@\s]*:)(.*)(@[^@]*)$", re.DOTALL)
 _RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value",
          "database is locked")
 _ATTEMPTS = 8
+_PG_URL = "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB"
 
 
 class StorageError(SoupError):
@@ -67,10 +68,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     import sqlite3
 
     if isinstance(dbapi_conn, sqlite3.Connection):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def _enable_sqlite_wal() -> None:
@@ -97,17 +96,15 @@ def _postgres_driver(url: str) -> str:
     if importlib.util.find_spec("psycopg2"):
         return "postgresql+psycopg2://" + url[len("postgresql://"):]
     raise StorageError(f"storage {redact(url)}: no PostgreSQL driver is installed; "
-                       "pip install 'soupsearch[postgres]' (psycopg2) and use "
-                       "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB")
+                       f"pip install 'soupsearch[postgres]' (psycopg2) and use {_PG_URL}")
 
 
-def _raced(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if any(marker in str(seen) for marker in _RACE):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (or while handling), root last."""
+    out = [exc]
+    while out[-1].__cause__ is not None or out[-1].__context__ is not None:
+        out.append(out[-1].__cause__ or out[-1].__context__)  # type: ignore[arg-type]
+    return out
 
 
 def _retrying(what: Any) -> Any:
@@ -116,7 +113,8 @@ def _retrying(what: Any) -> Any:
         try:
             return what()
         except Exception as exc:
-            if attempt == _ATTEMPTS - 1 or not _raced(exc):
+            raced = any(m in str(e) for e in _chain(exc) for m in _RACE)
+            if attempt == _ATTEMPTS - 1 or not raced:
                 raise
             log.info("storage busy (%s); trying again", one_line(exc))
             time.sleep(0.05 + random.random() * 0.2 * (attempt + 1))
@@ -127,9 +125,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``sqlite:///``, ``postgresql://``, ``mysql://`` or ``journal:///``.
 
     SQLite runs in WAL mode (readers never block the driver; a commit is not an fsync)
-    and waits up to 60 s for a lock;
-    the journal backend is Optuna's file journal with its lock file beside it. Two
-    drivers creating the same new schema at once both succeed.
+    and waits up to 60 s for a lock; the journal backend is Optuna's file journal with its
+    lock file beside it. Two drivers creating the same new schema at once both succeed.
     """
     try:
         if url.startswith("journal:///"):
@@ -154,7 +151,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except ImportError as exc:
         raise StorageError(f"storage {redact(url)}: its database driver {exc.name or ''} is "
                            "not installed; pip install 'soupsearch[postgres]' and use "
-                           "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB") from None
+                           f"{_PG_URL}") from None
     except Exception as exc:
         reason = redact_text(one_line(exc), url)
         m = _SECRET.search(url)
@@ -180,17 +177,9 @@ def check_storage(url: str) -> None:
     except (ArgumentError, ValueError) as exc:
         reason = redact_text(one_line(exc), url)
         raise StorageError(f"storage.url {redact(url)!r} is not a valid URL ({reason}); "
-                           "use sqlite:///PATH, "
-                           "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB or "
-                           "journal:///PATH") from None
+                           f"use sqlite:///PATH, {_PG_URL} or journal:///PATH") from None
     if not url.startswith("sqlite:"):
         open_storage(url)
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return exc
 
 
 def check_writable(study: optuna.Study, url: str) -> None:
@@ -204,7 +193,7 @@ def check_writable(study: optuna.Study, url: str) -> None:
 
 
 def _unwritable(url: str, exc: BaseException) -> StorageError:
-    reason = redact_text(one_line(_root_cause(exc)), url)
+    reason = redact_text(one_line(_chain(exc)[-1]), url)
     return StorageError(f"storage {redact(url)} cannot be written ({reason}); make the "
                         "study file and its folder writable, or copy the run folder to a "
                         "writable place and resume the copy")

@@ -20,28 +20,28 @@ ATTR_REQUEUED = "requeued"
 ATTR_RETRIES = "retries"
 ATTR_BASELINE = "baseline"
 HELDOUT_PREFIX = "heldout."  # study attr "heldout.<trial number>": soup evaluate's scores
+_OUTCOME = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+            TrialState.FAIL: "failed", TrialState.RUNNING: "running",
+            TrialState.WAITING: "waiting"}
 
 
 def counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     """Trials by outcome: ``done`` counts against the budget (failed-and-requeued do not)."""
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "done": 0,
-           "requeued": 0}
+    out = dict.fromkeys(("complete", "pruned", "failed", "running", "waiting", "done",
+                         "requeued"), 0)
     for t in trials:
-        if t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            out["pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            if t.user_attrs.get(ATTR_REQUEUED) or t.user_attrs.get("surplus"):
-                out["requeued"] += 1
-            else:
-                out["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
+        key = _OUTCOME.get(t.state)
+        if key == "failed" and (t.user_attrs.get(ATTR_REQUEUED) or t.user_attrs.get("surplus")):
+            key = "requeued"
+        if key is not None:
+            out[key] += 1
     out["done"] = out["complete"] + out["pruned"] + out["failed"]
     return out
+
+
+def started_at(t: FrozenTrial) -> float:
+    """When ``t`` was asked (epoch seconds; 0 for a trial not started)."""
+    return t.datetime_start.timestamp() if t.datetime_start else 0.0
 
 
 def heldout_key(number: int) -> str:
@@ -56,8 +56,6 @@ def heldout_key(number: int) -> str:
 
 def heldout_scores(study_attrs: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Trial number -> its held-out record (see :func:`heldout_key`), from study attrs."""
-    out = {}
-    for key, value in study_attrs.items():
-        if key.startswith(HELDOUT_PREFIX) and key[len(HELDOUT_PREFIX):].isdigit():
-            out[int(key[len(HELDOUT_PREFIX):])] = value
-    return out
+    n = len(HELDOUT_PREFIX)
+    return {int(key[n:]): value for key, value in study_attrs.items()
+            if key.startswith(HELDOUT_PREFIX) and key[n:].isdigit()}
