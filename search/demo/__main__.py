@@ -1,7 +1,5 @@
 """``python -m search.demo``: builds the demo models (see :mod:`search.demo.build`)."""
 
-from __future__ import annotations
-
 from search.demo.build import main
 
 if __name__ == "__main__":

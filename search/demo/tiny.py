@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 SPECIALS = ("<pad>", "<s>", "</s>")
+VOCAB_SIZE = len(SPECIALS) + 256
 
 
 def byte_tokenizer() -> Any:
@@ -26,18 +27,12 @@ def byte_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *sorted(pre_tokenizers.ByteLevel.alphabet())])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", model_max_length=512)
-
-
-VOCAB_SIZE = 3 + 256
 
 
 def tiny_config(arch: str = "llama", *, hidden: int = 32, layers: int = 2,
@@ -74,8 +69,7 @@ def save_family(folder: str | Path, *, n_experts: int = 3, arch: str = "llama",
         expert.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in expert.parameters():
-                noise = torch.randn(p.shape, generator=gen) * delta
-                p.add_(noise.to(p.dtype))
+                p.add_((torch.randn(p.shape, generator=gen) * delta).to(p.dtype))
         paths[f"expert_{i}"] = folder / f"expert_{i}"
         expert.save_pretrained(paths[f"expert_{i}"])
         tok.save_pretrained(paths[f"expert_{i}"])
@@ -84,9 +78,8 @@ def save_family(folder: str | Path, *, n_experts: int = 3, arch: str = "llama",
 
 LORA_VARIANTS: dict[str, dict[str, Any]] = {
     # plain LoRA on attention and MLP, one rank override
-    "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj",
-                                                          "down_proj"],
-             "rank_pattern": {"v_proj": 2}},
+    "lora": {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2},
+             "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
     # DoRA with rsLoRA scaling
     "dora": {"r": 4, "lora_alpha": 4, "use_dora": True, "use_rslora": True,
              "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj"]},
@@ -100,10 +93,7 @@ def save_lora_family(folder: str | Path, *, variants: tuple[str, ...] = tuple(LO
                      seed: int = 0, scale: float = 0.05) -> dict[str, Path]:
     """A tiny Llama base, one full expert, and PEFT LoRA adapters of ``variants`` on the
     base with random factors, each also merged by PEFT into a full checkpoint
-    (``<variant>_full``), so tests and benchmarks can compare both forms of a parent.
-
-    Needs ``peft`` (``pip install 'soupsearch[adapters]'``).
-    """
+    (``<variant>_full``), so both forms of a parent can be compared. Needs ``peft``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

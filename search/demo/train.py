@@ -1,14 +1,12 @@
 """Training the demo models: a tiny Llama that learns the synthetic skills on a CPU.
 
 Each example is ``prompt + target + "\\n"`` in the byte-level tokenizer; the loss covers
-the target and the closing newline only (greedy generation stops at the newline). A run
-is AdamW on batches drawn from seeded streams (:func:`evaluators.skills.training_stream`,
-which never yields a val or test prompt), so the same :class:`TrainConfig` gives the same
-weights with one torch thread per process. :func:`build_model` is the worker entry point:
-it trains one model and saves it atomically with a marker describing how it was made.
+the target and the closing newline only (greedy generation stops at the newline). Batches
+come from seeded streams (:func:`evaluators.skills.training_stream`, which never yields a
+val or test prompt), so a :class:`TrainConfig` gives the same weights with one torch
+thread per process; :func:`build_model` is the worker entry point.
 
 Example:
-    >>> from search.demo.tiny import byte_tokenizer
     >>> cfg = TrainConfig(skills=("add",), steps=2, lr=1e-3, batch=4)
     >>> model, tok = new_model(seed=0), byte_tokenizer()
     >>> train(model, tok, cfg)["steps"]
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from evaluators.skills import SKILLS, training_stream
@@ -42,27 +41,17 @@ Pair = tuple[str, str]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run.
-
-    Attributes:
-        skills: the skills of the main stream.
-        steps: optimizer steps (the most, when ``stop_floor`` is set).
-        lr: peak learning rate (linear warmup, then cosine decay to ``lr * final_frac``).
-        mix: relative frequency of each of ``skills`` (default: uniform).
-        batch: examples per step.
-        seed: seeds the data streams (the model's initialisation is seeded apart).
-        replay: expected fraction of each batch drawn from ``replay_skills`` instead.
-        replay_skills: the replay mixture (the base model's training skills).
-        distill: fit replay examples to the starting model's predictions (KL on their
-            target tokens) instead of their labels, so an expert keeps the base's
-            behaviour on other skills rather than continuing the base's training.
-        warmup: warmup steps.
-        final_frac: the learning rate at the end, as a fraction of ``lr``.
-        stop_floor: stop at the first probe where every skill of the main stream has at
-            least this greedy exact match on a probe set from the training stream.
-        probe_every: steps between probes (with ``stop_floor`` or ``balance``).
-        balance: after each probe, reweight the main stream toward the weaker skills
-            (``mix_i * (1.05 - score_i)``), so no skill runs far ahead of the others.
+    """One training run: ``steps`` AdamW steps (the most, with ``stop_floor``) on batches
+    of ``skills`` weighted by ``mix`` (default uniform), ``lr`` warmed up linearly for
+    ``warmup`` steps, then cosine-decayed to ``lr * final_frac``. ``seed`` seeds the data
+    streams only (the model's initialisation is seeded apart). ``replay`` is the expected
+    fraction of each batch drawn from ``replay_skills`` instead; with ``distill``, those
+    examples fit the starting model's predictions (KL on their target tokens), not their
+    labels, so an expert keeps the base's behaviour on other skills rather than continuing
+    the base's training. Every ``probe_every`` steps (with ``stop_floor`` or ``balance``) a
+    probe set from the training stream is scored by greedy exact match: training stops once
+    every skill has ``stop_floor``, and ``balance`` reweights the main stream toward the
+    weaker skills (``mix_i * (1.05 - score_i)``) so no skill runs far ahead of the others.
     """
 
     skills: tuple[str, ...]
@@ -86,7 +75,6 @@ class TrainConfig:
 
 
 def new_model(*, seed: int, hidden: int = 64, layers: int = 2) -> Any:
-    """A randomly initialised tiny Llama, seeded."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -99,8 +87,7 @@ def encode(tokenizer: Any, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor, Tenso
     targets = tokenizer([t + "\n" for _, t in pairs], add_special_tokens=False)["input_ids"]
     width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
     inp = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
-    att = torch.zeros((len(pairs), width), dtype=torch.long)
+    lab, att = torch.full_like(inp, IGNORE), torch.zeros_like(inp)
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         n = len(p) + len(t)
         inp[i, :n] = torch.tensor(p + t)
@@ -121,21 +108,19 @@ def batches(cfg: TrainConfig, mix: list[float]) -> Iterator[tuple[list[Pair], li
         yield own, [next(replay) for _ in range(n_replay)]
 
 
-def probe_items(skills: Sequence[str], seed: int, size: int = 100) -> dict[str, list[dict]]:
+def probe_items(skills: Sequence[str], seed: int, size: int = 100) -> dict[str, list[Pair]]:
     """``size`` distinct training-stream examples per skill (never val or test)."""
-    out: dict[str, list[dict]] = {}
+    out = {}
     for i, skill in enumerate(skills):
         items: dict[str, str] = {}
-        for prompt, target in training_stream((skill,), seed + 65537 + i):
-            items.setdefault(prompt, target)
-            if len(items) == size:
-                break
-        out[skill] = [{"prompt": p, "target": t} for p, t in items.items()]
+        stream = training_stream((skill,), seed + 65537 + i)
+        while len(items) < size:
+            items.setdefault(*next(stream))
+        out[skill] = list(items.items())
     return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to ``lr * final_frac``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
@@ -149,29 +134,26 @@ def _loss(model: Any, teacher: Any, batch: tuple[Tensor, Tensor, Tensor], n_own:
     logits = model(input_ids=inp, attention_mask=att).logits[:, :-1].float()
     lab = lab[:, 1:]
     if teacher is None or n_own == len(inp):
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab,
-                                                 ignore_index=IGNORE)
-    own = torch.nn.functional.cross_entropy(logits[:n_own].transpose(1, 2), lab[:n_own],
-                                            ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=IGNORE)
+    own = F.cross_entropy(logits[:n_own].transpose(1, 2), lab[:n_own], ignore_index=IGNORE,
+                          reduction="sum")
     with torch.no_grad():
         ref = teacher(input_ids=inp[n_own:], attention_mask=att[n_own:]).logits[:, :-1]
     keep = lab[n_own:] != IGNORE
-    kl = torch.nn.functional.kl_div(logits[n_own:][keep].log_softmax(-1),
-                                    ref[keep].float().log_softmax(-1),
-                                    log_target=True, reduction="sum")
+    kl = F.kl_div(logits[n_own:][keep].log_softmax(-1), ref[keep].float().log_softmax(-1),
+                  log_target=True, reduction="sum")
     return (own + kl) / (lab != IGNORE).sum()
 
 
 def train(model: Any, tokenizer: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Trains ``model`` in place; returns steps taken, final loss, probe scores, seconds."""
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill else None
-    probed = cfg.stop_floor is not None or cfg.balance
-    probe = probe_items(cfg.skills, cfg.seed) if probed else {}
+    probe = probe_items(cfg.skills, cfg.seed) if cfg.balance or cfg.stop_floor is not None else {}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     t0, recent, step, scores = time.perf_counter(), [0.0], 0, {}
-    start_mix = list(cfg.mix or [1.0] * len(cfg.skills))
-    mix = list(start_mix)
+    prior = list(cfg.mix or [1.0] * len(cfg.skills))
+    mix = list(prior)
     for step, (own, replay) in zip(range(1, cfg.steps + 1), batches(cfg, mix), strict=False):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
@@ -183,48 +165,40 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig) -> dict[str, Any]:
         recent = [*recent[-49:], loss.item()]
         if probe and step % cfg.probe_every == 0:
             scores = {s: greedy_exact_match(model, tokenizer, items) for s, items in probe.items()}
-            model.train()
             if cfg.stop_floor is not None and min(scores.values()) >= cfg.stop_floor:
                 break
             if cfg.balance:
-                mix[:] = [m * (1.05 - scores[s]) for m, s in zip(start_mix, cfg.skills,
-                                                                 strict=True)]
+                mix[:] = [m * (1.05 - scores[s]) for m, s in zip(prior, cfg.skills, strict=True)]
     model.eval()
     return {"steps": step, "loss": round(sum(recent) / len(recent), 5), "probe": scores,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
 @torch.no_grad()
-def greedy_exact_match(model: Any, tokenizer: Any, items: Sequence[dict],
+def greedy_exact_match(model: Any, tokenizer: Any, items: Sequence[Pair],
                        max_new: int = 16) -> float:
-    """Exact match of greedy answers cut at the first newline (a quick in-training probe;
-    the same rule as the lm-eval tasks, without their setup cost)."""
+    """Exact match of greedy answers cut at the first newline, in one left-padded batch (a
+    quick in-training probe; the same rule as the lm-eval tasks, without their setup cost)."""
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
-    was_training, hits = model.training, 0
+    was_training = model.training
     model.eval()
-    for lo in range(0, len(items), 256):
-        chunk = items[lo:lo + 256]
-        rows = tokenizer([d["prompt"] for d in chunk], add_special_tokens=False)["input_ids"]
-        width = max(map(len, rows))
-        inp = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-        att = torch.arange(width) >= torch.tensor([width - len(r) for r in rows])[:, None]
-        out = model.generate(input_ids=inp, attention_mask=att.long(), max_new_tokens=max_new,
-                             do_sample=False, eos_token_id=newline,
-                             pad_token_id=tokenizer.pad_token_id)
-        for d, seq in zip(chunk, out[:, width:].tolist(), strict=True):
-            text = tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
-            hits += text == d["target"]
+    rows = tokenizer([p for p, _ in items], add_special_tokens=False)["input_ids"]
+    width = max(map(len, rows))
+    inp = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    att = torch.arange(width) >= torch.tensor([width - len(r) for r in rows])[:, None]
+    out = model.generate(input_ids=inp, attention_mask=att.long(), max_new_tokens=max_new,
+                         do_sample=False, eos_token_id=newline,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
-    return hits / max(1, len(items))
+    return sum(t.split("\n")[0] == y for t, (_, y) in zip(texts, items, strict=True)) / len(items)
 
 
 def is_complete(folder: Path, spec: dict[str, Any]) -> bool:
-    """Whether ``folder`` holds a finished model (or PEFT adapter) built from exactly
-    ``spec``."""
+    """Whether ``folder`` holds a finished model or PEFT adapter built from ``spec``."""
     marker = folder / MARKER
-    configs = ("config.json", "adapter_config.json")
-    if not (marker.is_file() and any((folder / c).is_file() for c in configs)
-            and any(folder.glob("*.safetensors"))):
+    if not (marker.is_file() and any(folder.glob("*.safetensors"))
+            and any((folder / c).is_file() for c in ("config.json", "adapter_config.json"))):
         return False
     try:
         return json.loads(marker.read_text()).get("spec") == json.loads(json.dumps(spec))
@@ -247,24 +221,17 @@ def save_atomic(model: Any, tokenizer: Any, folder: Path, marker: dict[str, Any]
 
 
 def build_model(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker entry: trains the model ``job`` describes and saves it atomically.
-
-    ``job`` holds ``folder``, ``spec`` (kept in the marker), ``train`` (a
-    :class:`TrainConfig`) and either ``init`` (a folder to fine-tune) or ``model``
-    (``seed``, ``hidden``, ``layers`` of a fresh model). With ``lora`` (keyword
-    arguments of ``peft.LoraConfig``) it trains a LoRA adapter on ``init`` instead and
-    saves the adapter alone (``adapter_model.safetensors``, ``adapter_config.json``
-    naming ``init`` as its base). Returns the training stats.
-    """
+    """Worker entry: trains the model ``job`` describes, saves it atomically, returns the
+    training stats. ``job`` holds ``folder``, ``spec`` (kept in the marker), ``train`` (a
+    :class:`TrainConfig`) and ``init`` (a folder to fine-tune) or ``model`` (arguments of
+    :func:`new_model`); with ``lora`` (arguments of ``peft.LoraConfig``), a LoRA adapter is
+    trained on ``init`` and saved alone, its config naming ``init`` as the base."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer()
-    model: Any
-    if job.get("init"):
-        model = AutoModelForCausalLM.from_pretrained(job["init"], dtype=torch.float32)
-    else:
-        model = new_model(**job["model"])
+    model: Any = (AutoModelForCausalLM.from_pretrained(job["init"], dtype=torch.float32)
+                  if job.get("init") else new_model(**job["model"]))
     if job.get("lora"):
         from peft import LoraConfig, get_peft_model
 
