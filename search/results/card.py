@@ -4,8 +4,8 @@ Search scores (the fitness data the sampler saw) and held-out scores (``soup
 evaluate``) are separate tables, never mixed.
 
 Example:
-    >>> facts = CardFacts.gather(study, trial, recipe, cfg, "streaming")  # doctest: +SKIP
-    >>> print(model_card(facts))                                          # doctest: +SKIP
+    >>> facts = CardFacts.gather(study, trial, recipe, cfg, ("streaming", "cpu"))  # doctest: +SKIP
+    >>> print(model_card(facts))                                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -55,10 +55,8 @@ class CardFacts:
     @classmethod
     def gather(cls, study: optuna.Study, trial: FrozenTrial, recipe: Recipe,
                cfg: SearchConfig | None, how: tuple[str, str]) -> CardFacts:
-        """Reads the trial's scores, its baseline role and the run's settings.
-
-        ``how`` is the executor that wrote the weights and the device it ran on.
-        """
+        """Reads the trial's scores, its baseline role and the run's settings; ``how`` is the
+        executor that wrote the weights and the device it ran on."""
         attrs = study.user_attrs
         scores = dict(trial.user_attrs.get(st.ATTR_SCORES) or {})
         if "objective" not in scores and trial.values:
@@ -73,10 +71,8 @@ class CardFacts:
             budget=cfg.n_trials if cfg is not None else None,
             finished=st.counts(study.get_trials(deepcopy=False))["done"],
             completed_at=done.isoformat(timespec="seconds") if done else None,
-            executor=how[0], device=how[1],
-            run_device=cfg.models.device if cfg is not None else None,
-            names=Leaderboard.from_study(study).names,
-        )
+            executor=how[0], device=how[1], names=Leaderboard.from_study(study).names,
+            run_device=cfg.models.device if cfg is not None else None)
 
 
 _ROLE_TEXT = {"base": "the base model alone", "parent": "one parent alone",
@@ -87,15 +83,12 @@ _ROLE_TEXT = {"base": "the base model alone", "parent": "one parent alone",
 
 def _roles(study_attrs: dict[str, Any], trial: FrozenTrial) -> list[str]:
     """The trial's baseline kinds: ``parent``, ``uniform_soup``, ``greedy_soup``, ``seed``…"""
-    roles = []
     tag = trial.user_attrs.get(st.ATTR_BASELINE)
-    if tag:
-        roles.append(str(tag))
-    greedy = (study_attrs.get("baselines.greedy") or {}).get("trial")
-    if greedy == trial.number and "greedy_soup" not in roles:
-        roles.append("greedy_soup")
-    if study_attrs.get("baselines.uniform") == trial.number and "uniform_soup" not in roles:
-        roles.append("uniform_soup")
+    roles = [str(tag)] if tag else []
+    for role, number in (("greedy_soup", (study_attrs.get("baselines.greedy") or {}).get("trial")),
+                         ("uniform_soup", study_attrs.get("baselines.uniform"))):
+        if number == trial.number and role not in roles:
+            roles.append(role)
     return roles
 
 
@@ -107,17 +100,11 @@ def _sampler(cfg: SearchConfig | None) -> str | None:
     return f"{name}({args})"
 
 
-def _front_matter(f: CardFacts) -> str:
-    r = f.recipe
-    parents = list(dict.fromkeys([*([r.base_model] if r.base_model else []), *r.model_names]))
-    data = {"base_model": parents, "library_name": "transformers",
-            "tags": ["merge", "soupsearch", r.merge_method]}
-    return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n"
-
-
-def _score_table(metrics: dict[str, Any], n_docs: dict[str, Any]) -> str:
+def _score_table(scores: dict[str, Any]) -> str:
+    """A task/score/documents table of a scores record (the search's or the held-out)."""
+    n_docs = scores.get("n_docs") or {}
     rows = [f"| {task} | {float(value):.4f} | {n_docs.get(task, '?')} |"
-            for task, value in metrics.items()]
+            for task, value in (scores.get("metrics") or {}).items()]
     return "| task | score | documents |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -126,8 +113,7 @@ def _scores(f: CardFacts) -> str:
     kind = ("the weighted mean of the tasks" if f.objective_kind == "mean"
             else "one objective per task, a Pareto front; shown: the weighted mean")
     text = ("## Search scores\n\nThe fitness data the search optimized (its validation "
-            "documents).\n\n" + _score_table(f.scores.get("metrics") or {},
-                                             f.scores.get("n_docs") or {})
+            "documents).\n\n" + _score_table(f.scores)
             + f"\nObjective ({kind}): **{obj}**\n\n## Held-out scores\n\n")
     if not f.heldout:
         return text + "Not evaluated yet (`soup evaluate` scores a trial on held-out tasks).\n"
@@ -136,7 +122,7 @@ def _scores(f: CardFacts) -> str:
     mean = f.heldout.get("objective")
     when = f", {f.heldout['at']}" if f.heldout.get("at") else ""
     return (text + f"Test documents the search never saw (`soup evaluate`{when}).\n\n"
-            + _score_table(f.heldout.get("metrics") or {}, f.heldout.get("n_docs") or {})
+            + _score_table(f.heldout)
             + ("" if mean is None else f"\nMean: **{float(mean):.4f}**\n"))
 
 
@@ -165,13 +151,12 @@ def model_card(f: CardFacts) -> str:
     r = f.recipe
     models = list(dict.fromkeys([*([r.base_model] if r.base_model else []), *r.model_names]))
     names = f.names if all(m in f.names for m in models) else name_map(r.model_names, models)
-    parents = []
-    for m in models:
-        role = "base" if m == r.base_model else "expert"
-        parents.append(f"- `{m}` ({role}; `{names[m]}`)")
+    parents = [f"- `{m}` ({'base' if m == r.base_model else 'expert'}; `{names[m]}`)"
+               for m in models]
+    front = yaml.safe_dump({"base_model": models, "library_name": "transformers",
+                            "tags": ["merge", "soupsearch", r.merge_method]}, sort_keys=False)
     return (
-        _front_matter(f)
-        + f"\n# {f.study_name}, trial {f.trial}: {r.merge_method} merge\n\n"
+        f"---\n{front}---\n\n# {f.study_name}, trial {f.trial}: {r.merge_method} merge\n\n"
         "A merge of the models below, found by a [soupsearch](https://pypi.org/project/"
         "soupsearch/) search.\n\n## Parents\n\n" + "\n".join(parents) + "\n\n"
         f"## Merge\n\nMethod `{r.merge_method}`; canonical recipe hash `{r.hash()}`. The "

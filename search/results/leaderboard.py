@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -47,19 +47,15 @@ def short_params(recipe: Recipe) -> str:
     method = REGISTRY.get(recipe.merge_method)
     cancels = len(recipe.models) == 1 and method is not None \
         and method.normalizes(recipe.parameters)
-    parts = []
-    per_model: dict[str, list[str]] = {}
+    values: dict[str, list[str]] = {}
     for m in recipe.models:
         for k, v in m.parameters.items():
-            per_model.setdefault(k, []).append(_fmt(v))
-    for k, vals in per_model.items():
+            values.setdefault(k, []).append(_fmt(v))
+    parts = []  # only a per-model spec has a left-out value
+    for k, vals in [*values.items(), *((k, [_fmt(v)]) for k, v in recipe.parameters.items())]:
         spec = param_spec(recipe.merge_method, k)
-        if cancels and spec is not None and spec.left_out is not None:
-            continue
-        parts.append(f"{spec.label if spec else k}={'/'.join(vals)}")
-    for k, v in recipe.parameters.items():
-        spec = param_spec(recipe.merge_method, k)
-        parts.append(f"{spec.label if spec else k}={_fmt(v)}")
+        if not (cancels and spec is not None and spec.left_out is not None):
+            parts.append(f"{spec.label if spec else k}={'/'.join(vals)}")
     return " ".join(parts)
 
 
@@ -84,8 +80,8 @@ class Leaderboard:
     tasks: list[str]
     heldout: list[str]
     counts: dict[str, int]
-    failures: list[tuple[str, int]] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)
+    failures: list[tuple[str, int]]
+    names: dict[str, str]
 
     @classmethod
     def from_study(cls, study: optuna.Study, sort: str | None = None) -> Leaderboard:
@@ -93,31 +89,28 @@ class Leaderboard:
         (default: the search objective)."""
         trials = study.get_trials(deepcopy=False)
         attrs = study.user_attrs
-        tasks = list(attrs.get("search", {}).get("tasks", []))
+        meta = attrs.get("search") or {}
         greedy = (attrs.get("baselines.greedy") or {}).get("trial")
         held = st.heldout_scores(attrs)
         done = [(t, Recipe.from_dict(t.user_attrs[st.ATTR_RECIPE])) for t in trials
                 if t.state == TrialState.COMPLETE and t.user_attrs.get("duplicate_of") is None]
-        meta = attrs.get("search") or {}  # experts first: they keep the space's names
+        # experts first: they keep the space's names
         others = [str(meta.get("base") or ""), *(m for _, r in done for m in r.model_names)]
         names = name_map([str(e) for e in meta.get("experts") or []], filter(None, others))
         rows = [_row(t, r, names, greedy, held.get(t.number)) for t, r in done]
-        heldout: list[str] = []
-        for r in rows:
-            for name in r["heldout_tasks"]:
-                if name not in heldout:
-                    heldout.append(name)
-        rows.sort(key=_order(sort, tasks, heldout))
-        for i, r in enumerate(rows, 1):
-            r["rank"] = i
         reasons = Counter(str(t.user_attrs.get(st.ATTR_ERROR, "?")).split(":")[0]
                           for t in trials if t.state == TrialState.FAIL
                           and not t.user_attrs.get(st.ATTR_REQUEUED)
                           and not t.user_attrs.get("surplus"))
         counts = st.counts(trials)
-        counts["duplicates"] = sum(1 for t in trials if t.user_attrs.get("duplicate_of")
-                                   is not None)
-        return cls(rows, tasks, heldout, counts, reasons.most_common(3), names)
+        counts["duplicates"] = sum(t.user_attrs.get("duplicate_of") is not None for t in trials)
+        board = cls(rows, list(meta.get("tasks", [])),
+                    list(dict.fromkeys(h for r in rows for h in r["heldout_tasks"])),
+                    counts, reasons.most_common(3), names)
+        rows.sort(key=_order(sort, board.columns()))
+        for i, r in enumerate(rows, 1):
+            r["rank"] = i
+        return board
 
     def columns(self) -> dict[str, list[str]]:
         """Which columns hold search scores and which hold held-out scores."""
@@ -125,32 +118,33 @@ class Leaderboard:
         return {"search": ["objective", *self.tasks],
                 "heldout": [*test, f"{TEST}{HELDOUT_MEAN}"] if test else []}
 
-    def render(self, fmt: str = "table", top: int | None = 10) -> str:
-        """The leaderboard in ``fmt`` (one of :data:`FORMATS`); ``top`` 0/None = all rows."""
-        rows = self.rows[:top] if top else self.rows
-        if fmt == "json":
-            return json.dumps({"rows": rows, "tasks": self.tasks, "heldout": self.heldout,
-                               "columns": self.columns(), "counts": self.counts,
-                               "failures": [{"reason": r, "count": n}
-                                            for r, n in self.failures]}, indent=2)
+    def table(self, top: int | None = 10) -> list[list[str]]:
+        """The header and the cells of the ``top`` rows (0/None = all), as text shows them."""
         cols = self.columns()
         header = ["rank", "trial", "baseline", "method", "models", "params",
                   *cols["search"], *cols["heldout"], "time_s"]
-        table = [self._cells(r) for r in rows]
+        return [header, *(self._cells(r) for r in (self.rows[:top] if top else self.rows))]
+
+    def render(self, fmt: str = "table", top: int | None = 10) -> str:
+        """The leaderboard in ``fmt`` (one of :data:`FORMATS`); ``top`` 0/None = all rows."""
+        if fmt == "json":
+            return json.dumps({"rows": self.rows[:top] if top else self.rows,
+                               "tasks": self.tasks, "heldout": self.heldout,
+                               "columns": self.columns(), "counts": self.counts,
+                               "failures": [{"reason": r, "count": n}
+                                            for r, n in self.failures]}, indent=2)
+        table = self.table(top)
         if fmt == "csv":
             buf = io.StringIO()
-            writer = csv.writer(buf)
-            writer.writerow(header)
-            writer.writerows(table)
+            csv.writer(buf).writerows(table)
             return buf.getvalue()
         if fmt == "markdown":
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
-                      for row in table]
+            lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table]
+            lines.insert(1, "|" + "---|" * len(table[0]))
             return "\n".join(lines) + "\n\n" + self.footer() + "\n"
         if fmt != "table":
             raise ValueError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
-        return _aligned(header, table) + "\n" + self.footer() + "\n"
+        return _aligned(table) + "\n" + self.footer() + "\n"
 
     def _cells(self, r: dict[str, Any]) -> list[str]:
         held = [_opt(r["heldout"].get(h)) for h in self.heldout]
@@ -161,12 +155,16 @@ class Leaderboard:
                 *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in self.tasks),
                 *held, f"{r['time_s']:.2f}"]
 
-    def footer(self) -> str:
-        """Counts of the trials not in the table, failure reasons, and a column legend."""
+    def tally(self) -> str:
+        """The trials by outcome, as the footer and the report's facts say it."""
         c = self.counts
-        text = (f"{c['complete']} complete ({c.get('duplicates', 0)} reused), "
+        return (f"{c['complete']} complete ({c.get('duplicates', 0)} reused), "
                 f"{c['running']} running, {c['pruned']} pruned, {c['failed']} failed, "
                 f"{c['waiting']} waiting, {c['requeued']} retried")
+
+    def footer(self) -> str:
+        """Counts of the trials not in the table, failure reasons, and a column legend."""
+        text = self.tally()
         if self.failures:
             text += "; failures: " + ", ".join(f"{r} ×{n}" for r, n in self.failures)
         search = ", ".join(self.columns()["search"])
@@ -184,37 +182,35 @@ class Leaderboard:
         return text
 
 
-def _order(sort: str | None, tasks: list[str], heldout: list[str]) -> Any:
-    """The row sort key for ``sort``; rows without that value come last."""
+def _order(sort: str | None, columns: dict[str, list[str]]) -> Any:
+    """The row sort key for ``sort`` (a column of :meth:`Leaderboard.columns`); rows without
+    that value come last."""
     key = sort or "objective"
-    held = [f"{TEST}{h}" for h in heldout] + ([f"{TEST}{HELDOUT_MEAN}"] if heldout else [])
-    if key != "objective" and key not in tasks and key not in held:
+    tasks, held = columns["search"][1:], columns["heldout"]
+    if key not in columns["search"] and key not in held:
         raise ValueError(f"--sort {key!r}: not a column of this study; use objective, a task "
                          f"({', '.join(tasks) or 'none'}) or a held-out column "
                          f"({', '.join(held) or 'none yet: run soup evaluate'})")
 
-    def value(r: dict[str, Any]) -> float | None:
-        if key == "objective":
-            return float(r["objective"])
-        if key == f"{TEST}{HELDOUT_MEAN}":
-            return r["heldout_objective"]
-        if key.startswith(TEST) and key not in tasks:
-            return r["heldout"].get(key[len(TEST):])
-        return r["metrics"].get(key)
-
     def order(r: dict[str, Any]) -> tuple[bool, float, int]:
-        v = value(r)
+        if key == "objective":
+            v = r["objective"]
+        elif key == f"{TEST}{HELDOUT_MEAN}":
+            v = r["heldout_objective"]
+        elif key.startswith(TEST) and key not in tasks:
+            v = r["heldout"].get(key[len(TEST):])
+        else:
+            v = r["metrics"].get(key)
         return (v is None, -float(v) if v is not None else 0.0, r["trial"])
 
     return order
 
 
-def _aligned(header: list[str], table: list[list[str]]) -> str:
-    """A plain-text table; the params column is capped at 48 characters."""
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
-              for i, h in enumerate(header)]
+def _aligned(table: list[list[str]]) -> str:
+    """A plain-text table (header first); the params column is capped at 48 characters."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     widths[5] = min(widths[5], 48)
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines = []
     for row in table:
         cells = [c if len(c) <= w else c[: w - 1] + "…" for c, w in
                  zip(row, widths, strict=True)]
@@ -229,19 +225,15 @@ def _opt(value: float | None) -> str:
 def _row(t: FrozenTrial, recipe: Recipe, names: dict[str, str], greedy: int | None,
          held: dict[str, Any] | None) -> dict[str, Any]:
     scores = t.user_attrs.get(st.ATTR_SCORES) or {}
-    tags = []
     tag = t.user_attrs.get(st.ATTR_BASELINE)
-    if tag and tag != "greedy_step":
-        tags.append(tag)
-    if t.number == greedy:
-        tags.append("greedy_soup")
+    tags = [tag] if tag and tag != "greedy_step" else []
+    tags += ["greedy_soup"] if t.number == greedy else []
     held = held or {}
     metrics = {k: float(v) for k, v in (held.get("metrics") or {}).items()}
     objective = held.get("objective")
     timings = scores.get("timings") or {}
     return {
-        "rank": 0, "trial": t.number,
-        "baseline": ",".join(tags),
+        "rank": 0, "trial": t.number, "baseline": ",".join(tags),
         "method": recipe.merge_method, "models": "+".join(names[m] for m in recipe.model_names),
         "params": short_params(recipe),
         "objective": float(scores.get("objective", t.values[0] if t.values else float("nan"))),

@@ -25,23 +25,21 @@ MIN_TRIALS = 10  # scored trials of one method before its parameter importances 
 MAX_PANELS = 3  # methods shown in the importance figure
 MAX_AXES = 24  # parallel-coordinate axes
 METHOD_PARAM = "method"  # search.run.space.METHOD_KEY (not imported: space pulls in torch)
-_LABELS = {"base": "base", "parent": "parent", "uniform_soup": "uniform soup",
-           "greedy_soup": "greedy soup", "seed": "seed"}
 
 
 def points(rows: Sequence[dict[str, Any]], by_number: dict[int, FrozenTrial]) -> list[Point]:
     """One :class:`Point` per leaderboard row (scored, distinct candidates)."""
     out = []
     for r in rows:
+        trial = by_number[r["trial"]]
         tags = [t for t in str(r["baseline"]).split(",") if t]
-        if by_number[r["trial"]].user_attrs.get(st.ATTR_BASELINE) == "greedy_step":
-            tags.append("greedy step")
-        parts = [_LABELS.get(t, t) for t in tags]
+        if trial.user_attrs.get(st.ATTR_BASELINE) == "greedy_step":
+            tags.append("greedy_step")
+        parts = [t.replace("_", " ") for t in tags]
         if {"parent", "greedy_soup"} & set(tags):  # name the models once
             parts[0] += f" ({r['models']})"
-        values = by_number[r["trial"]].values or []
         out.append(Point(int(r["trial"]), float(r["objective"]), str(r["method"]),
-                         tuple(parts), tuple(float(v) for v in values)))
+                         tuple(parts), tuple(float(v) for v in trial.values or [])))
     return out
 
 
@@ -153,22 +151,14 @@ def _record(recipe: Recipe, experts: Sequence[str],
     """
     from search.merge.methods import param_spec  # pulls in torch: not at import
 
-    rec: dict[str, Any] = {"method": recipe.merge_method}
-    per_model: list[str] = []
-    for m in recipe.models:
-        for k, v in m.parameters.items():
-            rec[f"{k}.{names[m.model]}"] = v
-            per_model.append(f"{k}.{names[m.model]}")
+    per_model = {f"{k}.{names[m.model]}": v for m in recipe.models
+                 for k, v in m.parameters.items()}
     missing = [e for e in experts if e not in recipe.model_names]
     for k in dict.fromkeys(k for m in recipe.models for k in m.parameters):
         spec = param_spec(recipe.merge_method, k)
-        if spec is None or not spec.per_model or spec.left_out is None:
-            continue
-        for e in missing:
-            rec[f"{k}.{names[e]}"] = spec.left_out
-            per_model.append(f"{k}.{names[e]}")
-    rec.update(recipe.parameters)
-    return rec, per_model
+        if spec is not None and spec.per_model and spec.left_out is not None:
+            per_model.update({f"{k}.{names[e]}": spec.left_out for e in missing})
+    return {"method": recipe.merge_method, **per_model, **recipe.parameters}, list(per_model)
 
 
 def _value(v: Any) -> float | str | None:
@@ -207,15 +197,13 @@ def parallel_axes(rows: Sequence[dict[str, Any]], by_number: dict[int, FrozenTri
     ``names`` are the models' short names (:func:`search.names.name_map`; the
     leaderboard's ``names``); by default they are derived from ``experts`` and the rows.
     """
-    records, per_model, order = [], set(), ["method"]
     recipes = [Recipe.from_dict(by_number[r["trial"]].user_attrs[st.ATTR_RECIPE]) for r in rows]
     if names is None:
         names = name_map(experts, [m for recipe in recipes for m in recipe.model_names])
-    for recipe in recipes:
-        rec, pm = _record(recipe, experts, names)
-        records.append(rec)
-        per_model.update(pm)
-        order += [k for k in rec if k not in order]
+    pairs = [_record(recipe, experts, names) for recipe in recipes]
+    records = [rec for rec, _ in pairs]
+    per_model = {k for _, keys in pairs for k in keys}
+    order = list(dict.fromkeys(k for rec in records for k in rec))
     shorts = [names[e] for e in experts]
     params = list(dict.fromkeys(k.split(".")[0] for k in order if k in per_model))
 

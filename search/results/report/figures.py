@@ -34,7 +34,8 @@ _PARENT_COLORS = ("#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b
 
 @dataclass(frozen=True)
 class Point:
-    """One scored candidate: its trial, objective, method, baseline tags and label."""
+    """One scored candidate: its trial, objective, method, baseline tags (their labels) and
+    its values (one per objective)."""
 
     trial: int
     objective: float
@@ -97,13 +98,9 @@ def score_over_trials(points: Sequence[Point], baselines: Sequence[Point], ylabe
                color="#4c72b0", alpha=0.7, label="searched candidate")
     ax.scatter([p.trial for p in fixed], [p.objective for p in fixed], s=22, marker="D",
                color="#999999", alpha=0.9, label="baseline trial")
-    best, xs, ys = None, [], []
-    for p in pts:
-        if best is None or (p.objective > best if maximize else p.objective < best):
-            best = p.objective
-        xs.append(p.trial)
-        ys.append(best)
-    ax.step(xs, ys, where="post", color="#c44e52", lw=2, label="best so far")
+    best = itertools.accumulate((p.objective for p in pts), max if maximize else min)
+    ax.step([p.trial for p in pts], list(best), where="post", color="#c44e52", lw=2,
+            label="best so far")
     for p, (color, style, _) in zip(baselines, _styles(baselines), strict=True):
         ax.axhline(p.objective, color=color, ls=style, lw=1.3, alpha=0.9)
     lo, hi = ax.get_ylim()
@@ -113,9 +110,7 @@ def score_over_trials(points: Sequence[Point], baselines: Sequence[Point], ylabe
                     xycoords=("axes fraction", "data"), xytext=(1.01, y),
                     textcoords=("axes fraction", "data"), fontsize=8.5, va="center",
                     arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
-    ax.set_ylim(lo, max([hi, *placed]))
-    ax.set_xlabel("trial")
-    ax.set_ylabel(ylabel)
+    ax.set(ylim=(lo, max([hi, *placed])), xlabel="trial", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8.5, framealpha=0.9)
     return _png(fig)
@@ -135,8 +130,7 @@ def score_by_method(points: Sequence[Point], ylabel: str) -> bytes:
     for i, vals in enumerate(data, 1):
         jitter = [((k * 0.618) % 1.0 - 0.5) * 0.35 for k in range(len(vals))]
         ax.scatter(vals, [i + j for j in jitter], s=14, alpha=0.65, color="#4c72b0", zorder=3)
-    ax.set_yticks(range(1, len(names) + 1),
-                  [f"{m} (n={len(groups[m])})" for m in names])
+    ax.set_yticks(range(1, len(names) + 1), [f"{m} (n={len(groups[m])})" for m in names])
     ax.set_xlabel(ylabel)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
@@ -152,8 +146,7 @@ def importance(panels: Sequence[tuple[str, dict[str, float]]], title: str,
         items = sorted(values.items(), key=lambda kv: kv[1])[-top:]
         ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("importance (share)")
-        ax.set_xlim(0, max(1e-9, max(v for _, v in items)) * 1.15)
+        ax.set(xlabel="importance (share)", xlim=(0, max(1e-9, max(v for _, v in items)) * 1.15))
         ax.tick_params(axis="y", labelsize=8.5)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10.5)
@@ -182,11 +175,8 @@ def parallel(axes: Sequence[Axis], scores: Sequence[float], ylabel: str) -> byte
                     bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none",
                           "alpha": 0.7})
     ax.set_xticks(range(len(axes)), [a.name.replace(".", "\n", 1) for a in axes], fontsize=8.5)
-    ax.set_yticks([])
-    ax.set_xlim(-0.3, len(axes) - 0.4)
-    ax.set_ylim(-0.06, 1.06)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
+    ax.set(yticks=[], xlim=(-0.3, len(axes) - 0.4), ylim=(-0.06, 1.06))
+    ax.spines[["top", "right", "left"]].set_visible(False)
     return _png(fig)
 
 
@@ -213,8 +203,7 @@ def pareto(points: Sequence[Point], front: set[int], names: Sequence[str],
         for p, (color, _, marker) in zip(baselines, _styles(baselines), strict=True):
             ax.scatter([p.values[i]], [p.values[j]], s=110, marker=marker, color=color,
                        edgecolor="black", lw=0.6, zorder=4, label=_label(p))
-        ax.set_xlabel(names[i])
-        ax.set_ylabel(names[j])
+        ax.set(xlabel=names[i], ylabel=names[j])
         ax.grid(alpha=0.3)
     for ax in axes[len(pairs):]:
         ax.set_visible(False)

@@ -13,9 +13,7 @@ Example:
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import re
 import shutil
 import uuid
@@ -47,79 +45,64 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
 @dataclass
-class Figure:
-    """One figure of the report: file stem, caption and PNG bytes."""
-
-    name: str
-    caption: str
-    png: bytes
-
-
-@dataclass
 class Report:
-    """Everything the HTML shows, already computed."""
+    """Everything the HTML shows, already computed; ``figures``: file stem → (caption, PNG)."""
 
     name: str
     storage: str
     facts: list[tuple[str, str]]
-    figures: list[Figure] = field(default_factory=list)
+    table: list[list[str]]
+    footer: str
+    figures: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    table: list[list[str]] = field(default_factory=list)
-    footer: str = ""
 
 
 def build_report(study: optuna.Study, storage_url: str, top: int = 10) -> Report:
     """Reads the study's trials and draws every figure that they allow."""
-    trials = study.get_trials(deepcopy=False)
     board = Leaderboard.from_study(study)
-    by_number = {t.number: t for t in trials}
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     meta = study.user_attrs.get("search") or {}
     points = rd.points(board.rows, by_number)
     ylabel = f"objective ({meta.get('objective', 'score')})"
-    report = Report(study.study_name, storage_url, _facts(study, storage_url, board, meta))
+    report = Report(study.study_name, storage_url, _facts(study, storage_url, board, meta),
+                    board.table(top), board.footer())
     if not points:
         report.notes.append("No trial has finished yet: no figure to draw. Run "
                             "`soup report` again when some have.")
-    else:
-        maximize = len(study.directions) > 1 \
-            or study.direction == optuna.study.StudyDirection.MAXIMIZE
-        report.figures.append(Figure("score_over_trials", _caption_scores(study, meta),
-                                     rf.score_over_trials(points, rd.baselines(points), ylabel,
-                                                          maximize)))
-        report.figures.append(Figure(
-            "score_by_method", "The objective of every scored candidate, by merge method "
-            "(box: quartiles and median; baselines are linear soups).",
-            rf.score_by_method(points, ylabel)))
-        _importance(report, board.rows, by_number)
-        _parallel(report, board, by_number, meta, top, ylabel)
-        _pareto(report, study, points, meta)
-    text = board.render("csv", top=top)
-    report.table = [row for row in csv.reader(io.StringIO(text))]
-    report.footer = board.footer()
+        return report
+    maximize = len(study.directions) > 1 \
+        or study.direction == optuna.study.StudyDirection.MAXIMIZE
+    caption = ("The objective of each scored candidate by trial number, the best so far, "
+               "and the baselines (the base, each parent, the uniform and the greedy soup).")
+    if len(study.directions) > 1:
+        caption += (f" This study has {len(study.directions)} objectives; the plot shows their "
+                    f"{meta.get('objective', 'aggregate')}, the leaderboard's objective.")
+    report.figures["score_over_trials"] = (caption, rf.score_over_trials(
+        points, rd.baselines(points), ylabel, maximize))
+    report.figures["score_by_method"] = (
+        "The objective of every scored candidate, by merge method (box: quartiles and "
+        "median; baselines are linear soups).", rf.score_by_method(points, ylabel))
+    _importance(report, board.rows, by_number)
+    _parallel(report, board, by_number, meta, top, ylabel)
+    _pareto(report, study, points, meta)
     return report
 
 
 def _facts(study: optuna.Study, url: str, board: Leaderboard,
            meta: dict[str, Any]) -> list[tuple[str, str]]:
-    c = board.counts
-    n = len(study.directions)
-    names = sorted({d.name.lower() for d in study.directions})
-    directions = names[0] if n == 1 else (
-        f"{n} objectives, one per task: " + (f"{names[0]} each" if len(names) == 1 else
-                                             ", ".join(d.name.lower() for d in study.directions)))
+    dirs = [d.name.lower() for d in study.directions]
+    directions = dirs[0] if len(dirs) == 1 else f"{len(dirs)} objectives, one per task: " + (
+        f"{dirs[0]} each" if len(set(dirs)) == 1 else ", ".join(dirs))
     facts = [("study", study.study_name), ("storage", redact(url)),
              ("objective", f"{meta.get('objective', '?')} of "
                            f"{', '.join(meta.get('tasks', [])) or '?'}; {directions}"),
-             ("trials", f"{c['complete']} complete ({c.get('duplicates', 0)} reused), "
-                        f"{c['pruned']} pruned, {c['failed']} failed, {c['running']} running, "
-                        f"{c['waiting']} waiting, {c['requeued']} retried")]
+             ("trials", board.tally())]
     if board.failures:
         facts.append(("failures", ", ".join(f"{r} ×{k}" for r, k in board.failures)))
-    if meta.get("base"):
-        facts.append(("base", _named(str(meta["base"]), board.names)))
-    if meta.get("experts"):
-        facts.append(("experts", ", ".join(_named(str(e), board.names)
-                                           for e in meta["experts"])))
+    for key, models in (("base", [meta["base"]] if meta.get("base") else []),
+                        ("experts", meta.get("experts") or [])):
+        if models:
+            facts.append((key, ", ".join(_named(str(m), board.names) for m in models)))
     return facts
 
 
@@ -127,15 +110,6 @@ def _named(model: str, names: dict[str, str]) -> str:
     """A model's short name, with its reference where the name is not its folder's."""
     name = names.get(model, folder_name(model))
     return name if name == folder_name(model) else f"{name} ({model})"
-
-
-def _caption_scores(study: optuna.Study, meta: dict[str, Any]) -> str:
-    text = ("The objective of each scored candidate by trial number, the best so far, "
-            "and the baselines (the base, each parent, the uniform and the greedy soup).")
-    if len(study.directions) > 1:
-        text += (f" This study has {len(study.directions)} objectives; the plot shows their "
-                 f"{meta.get('objective', 'aggregate')}, the leaderboard's objective.")
-    return text
 
 
 def _importance(report: Report, rows: list[dict[str, Any]],
@@ -147,31 +121,28 @@ def _importance(report: Report, rows: list[dict[str, Any]],
         if result.method_eta2 is not None:
             title += (f"\nthe choice of method explains {result.method_eta2:.0%} of the "
                       "score variance (η²)")
-        report.figures.append(Figure(
-            "param_importance",
+        report.figures["param_importance"] = (
             "Parameter importance (Optuna's PED-ANOVA) within each of the most-tried methods: "
             "each method has its own parameters, so they are compared only among trials of "
             f"that method (at least {rd.MIN_TRIALS} scored trials). The method choice is "
             "measured by η², the share of the score's variance between methods.",
-            rf.importance(result.panels, title)))
+            rf.importance(result.panels, title))
 
 
 def _parallel(report: Report, board: Leaderboard, by_number: dict[int, FrozenTrial],
               meta: dict[str, Any], top: int, ylabel: str) -> None:
-    rows, names = board.rows, board.names
-    chosen = rows[:top] if top else rows
-    axes = rd.parallel_axes(chosen, by_number, meta.get("experts") or [], names)
+    chosen = board.rows[:top] if top else board.rows
+    axes = rd.parallel_axes(chosen, by_number, meta.get("experts") or [], board.names)
     if len(chosen) < 2 or len(axes) < 2:
         report.notes.append("Parallel coordinates: need two or more candidates with "
                             "parameters; none drawn.")
         return
-    report.figures.append(Figure(
-        "parallel_coordinates",
+    report.figures["parallel_coordinates"] = (
         f"Parameters of the top {len(chosen)} candidates (one line each, coloured by score, "
         "best drawn thickest). Each axis is scaled to the range of its values, printed on "
         "it; per-model parameters are named PARAM.MODEL, an expert left out of a soup has "
         "weight 0, and per-layer values are averaged.",
-        rf.parallel(axes, [float(r["objective"]) for r in chosen], ylabel)))
+        rf.parallel(axes, [float(r["objective"]) for r in chosen], ylabel))
 
 
 def _pareto(report: Report, study: optuna.Study, points: list[rf.Point],
@@ -186,14 +157,12 @@ def _pareto(report: Report, study: optuna.Study, points: list[rf.Point],
     if len(scored) < 2:
         report.notes.append("Pareto front: fewer than two scored candidates; none drawn.")
         return
-    front = {t.number for t in study.best_trials}
-    report.figures.append(Figure(
-        "pareto_front",
+    report.figures["pareto_front"] = (
         f"The {n} objectives of every scored candidate; red: the Pareto front (no other "
         "candidate is at least as good on every objective and better on one)"
         + (", found in all objectives at once and shown on each pair" if n > 2 else "")
         + "; the baselines have their own markers.",
-        rf.pareto(scored, front, names, rd.baselines(scored))))
+        rf.pareto(scored, {t.number for t in study.best_trials}, names, rd.baselines(scored)))
 
 
 _CSS = """
@@ -212,11 +181,9 @@ def _table(rows: list[list[str]]) -> str:
     if len(rows) < 2:
         return "<p>No scored candidate yet.</p>"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
-    body = []
-    for row in rows[1:]:
-        cells = "".join(f'<td class="n">{html.escape(c)}</td>' if _NUMBER.match(c)
-                        else f"<td>{html.escape(c)}</td>" for c in row)
-        body.append(f"<tr>{cells}</tr>")
+    body = ["<tr>" + "".join(f'<td class="n">{html.escape(c)}</td>' if _NUMBER.match(c)
+                             else f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in rows[1:]]
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -230,14 +197,14 @@ def render_html(report: Report) -> str:
              f"<h1>Merge search report: {e(report.name)}</h1><dl>{facts}</dl>",
              f"<p>Browse the same storage live with <code>optuna-dashboard {e(url)}</code>"
              + (" (put the password back in)" if "***" in url else "") + ".</p>"]
-    top = len(report.table) - 1
-    parts.append(f"<h2 id=\"leaderboard\">Leaderboard (top {top})</h2>{_table(report.table)}"
+    parts.append(f"<h2 id=\"leaderboard\">Leaderboard (top {len(report.table) - 1})</h2>"
+                 f"{_table(report.table)}"
                  f"<p class=\"small\">{e(report.footer).replace(chr(10), '<br>')}</p>")
-    for fig in report.figures:
-        data = base64.b64encode(fig.png).decode("ascii")
-        parts.append(f"<h2 id=\"{fig.name}\">{e(TITLES[fig.name])}</h2><figure>"
-                     f"<img src=\"data:image/png;base64,{data}\" alt=\"{e(TITLES[fig.name])}\">"
-                     f"<figcaption>{e(fig.caption)} <a href=\"{fig.name}.png\">PNG</a>"
+    for name, (caption, png) in report.figures.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<h2 id=\"{name}\">{e(TITLES[name])}</h2><figure>"
+                     f"<img src=\"data:image/png;base64,{data}\" alt=\"{e(TITLES[name])}\">"
+                     f"<figcaption>{e(caption)} <a href=\"{name}.png\">PNG</a>"
                      "</figcaption></figure>")
     if report.notes:
         parts.append("<h2 id=\"notes\">Notes</h2><ul>"
@@ -266,7 +233,8 @@ def _earlier_report(folder: Path, study_name: str) -> bool:
 
 def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
                  top: int = 10, force: bool = False) -> Path:
-    """Writes ``index.html`` and the figures' PNG files into ``out_dir``, atomically.
+    """Writes ``index.html`` and the figures' PNG files into ``out_dir``, atomically, and
+    returns that folder.
 
     Args:
         study: the study to report on (only read).
@@ -275,36 +243,25 @@ def write_report(study: optuna.Study, out_dir: str | Path, *, storage_url: str,
         storage_url: the study's storage (shown with its password redacted).
         top: leaderboard rows and parallel-coordinate lines (0 = all).
         force: replace an existing report folder.
-
-    Returns:
-        The report folder.
-
-    Example:
-        >>> write_report(study, "runs/demo/report", storage_url="sqlite:///runs/demo/study.db")
-        ... # doctest: +SKIP
     """
     out = Path(out_dir)
-    replace = force
-    if out.exists() and not force:
-        if not _earlier_report(out, study.study_name):
-            raise OutputExistsError(f"report folder {str(out)!r} exists and is not an "
-                                    f"earlier report of study {study.study_name!r} alone; "
-                                    "pass --force to replace it, or --out DIR to write "
-                                    "elsewhere")
-        replace = True  # this study's earlier report, nothing else: brought up to date
+    earlier = out.exists() and not force  # this study's earlier report alone: brought up to date
+    if earlier and not _earlier_report(out, study.study_name):
+        raise OutputExistsError(f"report folder {str(out)!r} exists and is not an earlier "
+                                f"report of study {study.study_name!r} alone; pass --force "
+                                "to replace it, or --out DIR to write elsewhere")
     report = build_report(study, storage_url, top)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        for fig in report.figures:
-            (tmp / f"{fig.name}.png").write_bytes(fig.png)
+        for name, (_, png) in report.figures.items():
+            (tmp / f"{name}.png").write_bytes(png)
         (tmp / "index.html").write_text(render_html(report), encoding="utf-8")
-        if replace and not force and out.exists() and \
-                not _earlier_report(out, study.study_name):  # changed while we worked
+        if earlier and out.exists() and not _earlier_report(out, study.study_name):
             raise OutputExistsError(f"report folder {str(out)!r} changed while the report "
                                     "was written; pass --force to replace it")
-        replace_folder(tmp, out, replace, "report folder")
+        replace_folder(tmp, out, force or earlier, "report folder")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
