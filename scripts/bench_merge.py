@@ -112,7 +112,7 @@ def make_family(root: Path, base_state: dict[str, torch.Tensor], config: dict[st
 
 
 def tiny_family(cache: Path) -> dict[str, Path]:
-    from search.demo.tiny import save_family
+    from tests.families import save_family
 
     root = cache / "tiny"
     if not (root / "expert_1" / "model.safetensors").is_file():

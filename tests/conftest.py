@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama base and three experts (base + small seeded deltas), float32."""
-    from search.demo.tiny import save_family
+    from tests.families import save_family
 
     return save_family(tmp_path_factory.mktemp("llama"), n_experts=3, arch="llama", seed=0)
 
@@ -26,7 +26,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tied_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Qwen2 family with tied embeddings (no lm_head tensor on disk)."""
-    from search.demo.tiny import save_family
+    from tests.families import save_family
 
     return save_family(tmp_path_factory.mktemp("qwen2"), n_experts=2, arch="qwen2", seed=1,
                        tie=True)

@@ -9,7 +9,7 @@ the same tensors here as ``soup merge`` writes to disk.
 
 Example:
     >>> import tempfile
-    >>> from search.demo.tiny import save_family
+    >>> from tests.families import save_family
     >>> from search.recipe import Recipe
     >>> tmp = tempfile.TemporaryDirectory()
     >>> base, a, b = (str(p) for p in save_family(tmp.name, n_experts=2).values())

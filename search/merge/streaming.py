@@ -6,7 +6,7 @@ beside it, which is renamed at the end (and removed if anything fails).
 
 Example:
     >>> import tempfile
-    >>> from search.demo.tiny import save_family
+    >>> from tests.families import save_family
     >>> from search.recipe import Recipe
     >>> tmp = tempfile.TemporaryDirectory()
     >>> a, b = (str(p) for p in save_family(tmp.name, n_experts=1).values())

@@ -64,9 +64,9 @@ def test_score_equals_lm_eval_on_the_saved_model(memorizer: Path,
 def test_no_reload_and_no_answer_bleed_between_candidates(
         memorizer: Path, tmp_path: Path, evaluator: LmEvalEvaluator) -> None:
     """One resident model, rewritten in place between candidates, scored twice."""
-    from search.demo.tiny import save_family
     from search.merge.resident import ResidentModel, ResidentParents
     from search.recipe import Recipe
+    from tests.families import save_family
 
     other = save_family(tmp_path, n_experts=0, hidden=64, layers=2, seed=5)["base"]
     resident = ResidentModel(ResidentParents([str(memorizer), str(other)], device="cpu"))

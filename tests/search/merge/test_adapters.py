@@ -31,7 +31,7 @@ PARENTS = ("base", "expert_0", "expert_1", "expert_2")
 def lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny base, a full expert, and LoRA / DoRA+rsLoRA / embedding adapters, each
     also merged into a full checkpoint by PEFT."""
-    from search.demo.tiny import save_lora_family
+    from tests.families import save_lora_family
 
     return save_lora_family(tmp_path_factory.mktemp("lora"))
 

@@ -13,7 +13,7 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer  # noqa: F401  (import cost is not the merge's)
-from search.demo.tiny import save_family
+from tests.families import save_family
 from search.recipe import Recipe
 from search.merge.streaming import MergeOptions, merge_to_disk
 
