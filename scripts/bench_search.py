@@ -293,10 +293,10 @@ def part_a(args: argparse.Namespace, tmp: Path) -> str:
             run_dir = tmp / f"a-{i}-{sampler}-{storage}"
             cfg = config(run_dir, *base, f"storage={storage}")
             t0 = time.perf_counter()
-            open_search_study(cfg, space).add_trials(trials)
+            open_search_study(cfg).add_trials(trials)
             t_fill = time.perf_counter() - t0
             t0 = time.perf_counter()  # start-up: a driver opens the stored study
-            study = open_search_study(cfg, space)
+            study = open_search_study(cfg)
             clock = Clock()
             study.sampler = TimedSampler(study.sampler, clock)
             study._storage = TimedStorage(study._storage, clock)  # type: ignore[assignment]
@@ -430,7 +430,7 @@ def part_b(args: argparse.Namespace, tmp: Path) -> str:
             try:
                 for r in range(args.repeats):  # a fresh study each time, the same actors
                     rcfg = dataclasses.replace(cfg, study_name=f"bench-{r}")
-                    study = open_search_study(rcfg, space)
+                    study = open_search_study(rcfg)
                     ex = TimedExecutor(pool)
                     t0 = time.perf_counter()
                     summary = Driver(rcfg, study, space, ex, show_progress=False).run()

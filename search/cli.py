@@ -64,36 +64,32 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(cfg: object, study: object, summary: object) -> None:
+def _search(cfg: Any, raw: Any, args: argparse.Namespace) -> int:
+    """Runs (or resumes) the search, then prints its leaderboard."""
     from search.results.leaderboard import Leaderboard
+    from search.run.launch import run_search
 
-    board = Leaderboard.from_study(study)  # type: ignore[arg-type]
-    print(board.render("table", top=10))
-    print(f"run folder: {cfg.run_dir}")  # type: ignore[attr-defined]
+    study, _ = run_search(cfg, raw, show_progress=not args.no_progress)
+    print(Leaderboard.from_study(study).render("table", top=10))
+    print(f"run folder: {cfg.run_dir}")
+    return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from search import config
-    from search.run.launch import run_search
 
     raw = config.compose_raw(args.overrides, args.config_dir)
     if args.cfg:
         print(config.to_yaml(raw), end="")
         return 0
-    cfg = config.from_hydra(raw)
-    study, summary = run_search(cfg, raw, show_progress=not args.no_progress)
-    _finish(cfg, study, summary)
-    return 0
+    return _search(config.from_hydra(raw), raw, args)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from search import config
-    from search.run.launch import run_search
 
     raw, cfg = config.load_saved(args.run_dir, args.overrides)
-    study, summary = run_search(cfg, raw, show_progress=not args.no_progress)
-    _finish(cfg, study, summary)
-    return 0
+    return _search(cfg, raw, args)
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -28,8 +28,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search import study as st
 from search.config import SearchConfig
-from search.errors import SoupError, one_line
-from search.merge.methods import validate_recipe
 from search.recipe import Recipe
 from search.run import ledger as lg
 from search.run.executors import Executor, Outcome
@@ -121,7 +119,7 @@ class Driver:
         self.ledger.asked += 1
         enqueued = dict(trial.user_attrs)  # an enqueued trial's attributes (else empty)
         trial.set_user_attr(st.ATTR_DRIVER, self.me)
-        recipe, error = self._recipe(trial)
+        recipe, error = self.space.recipe_of(trial)
         if st.ATTR_RECIPE not in enqueued:
             trial.set_user_attr(st.ATTR_RECIPE, recipe.to_dict() if recipe else None)
         trials = None
@@ -147,23 +145,6 @@ class Driver:
             else:
                 self.ready.append(run)
         return True
-
-    def _recipe(self, trial: Trial) -> tuple[Recipe | None, str]:
-        """The trial's recipe, sampled or the one it was enqueued with, or the error (one
-        line). An enqueued recipe the space expresses is suggested too, so the sampler learns
-        from its values; one outside the space leaves the trial without parameters."""
-        fixed = trial.user_attrs.get(st.ATTR_RECIPE)
-        try:
-            if fixed is None:
-                recipe = self.space.suggest(trial)
-            else:
-                recipe = Recipe.from_dict(fixed)
-                if self.space.params_for(recipe) is not None:
-                    self.space.suggest(trial)
-            validate_recipe(recipe)
-        except SoupError as exc:
-            return None, one_line(exc, with_type=True)
-        return recipe, ""
 
     def _dup(self, run: _Running) -> bool:
         """Completes ``run`` as the duplicate of a trial that scored its recipe, if any."""

@@ -109,9 +109,8 @@ def _logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _check_sampler(sampler: Any, space: Space | None) -> None:
-    if space is not None and space.has_categorical and \
-            isinstance(sampler, optuna.samplers.CmaEsSampler):
+def _check_sampler(sampler: Any, space: Space) -> None:
+    if space.has_categorical and isinstance(sampler, optuna.samplers.CmaEsSampler):
         raise ConfigError("sampler=cmaes cannot sample categorical choices (the merge "
                           "method, model subsets, booleans); fix one method, e.g. "
                           "space=ties, or use sampler=tpe")
@@ -130,23 +129,24 @@ def _check_tasks(cfg: SearchConfig) -> None:
 
 def check_inputs(cfg: SearchConfig) -> Space:
     """Checks what a search reads (parents, space, sampler, tasks, metrics, include paths,
-    storage) before anything is written and before any worker starts; returns the space."""
+    seed recipes, storage) before anything is written and before any worker starts;
+    returns the space."""
     ensure_demo_models(cfg)
     _check_parents(cfg)
     space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
     _check_sampler(instantiate(cfg.sampler, "sampler"), space)
     instantiate(cfg.pruner, "pruner")
     _check_tasks(cfg)
+    load_seeds(cfg.seeds, (cfg.models.base, *cfg.models.experts))  # read again on resume
     check_storage(cfg.storage.url)
     return space
 
 
-def open_search_study(cfg: SearchConfig, space: Space | None = None) -> optuna.Study:
+def open_search_study(cfg: SearchConfig) -> optuna.Study:
     """The config's study with its sampler and pruner (created when new), checked to be
-    writable."""
+    writable (:func:`check_inputs` has checked the sampler against the space)."""
     sampler = instantiate(cfg.sampler, "sampler")
     pruner = instantiate(cfg.pruner, "pruner")
-    _check_sampler(sampler, space)
     n = len(cfg.evaluator.tasks) if cfg.multi_objective else 1
     study = open_study(cfg.storage.url, cfg.study_name, ["maximize"] * n, sampler, pruner)
     meta = {"tasks": [t.name for t in cfg.evaluator.tasks], "objective": cfg.objective,
@@ -171,7 +171,7 @@ def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = 
     """
     optuna.logging.disable_default_handler()  # Optuna's lines go to search.log only
     space = check_inputs(cfg)
-    study = open_search_study(cfg, space)
+    study = open_search_study(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if raw is not None:
         save(raw, cfg.run_dir / "config.yaml")
@@ -186,8 +186,6 @@ def run_search(cfg: SearchConfig, raw: Any | None = None, show_progress: bool = 
 
 def _run(cfg: SearchConfig, study: optuna.Study, space: Space, show_progress: bool,
          executor: Executor | None) -> tuple[optuna.Study, Summary]:
-    if cfg.seeds and not study.user_attrs.get("baselines.enqueued"):
-        load_seeds(cfg.seeds, (cfg.models.base, *cfg.models.experts))  # before workers start
     log.info("study %s in %s", cfg.study_name, redact(cfg.storage.url))
     if executor is None:
         from search.run.executors import make_executor

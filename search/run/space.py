@@ -28,10 +28,12 @@ from optuna.distributions import (
 from optuna.trial import BaseTrial
 
 from search.config import ConfigError, SpaceConfig
-from search.merge.methods import get_method
+from search.errors import SoupError, one_line
+from search.merge.methods import get_method, validate_recipe
 from search.merge.spec import MergeMethod, ParamSpec
 from search.names import short_names
 from search.recipe import ModelEntry, Recipe
+from search.study import ATTR_RECIPE
 
 METHOD_KEY = "method"
 
@@ -196,6 +198,23 @@ class Space:
             parameters=glob, dtype=self.cfg.dtype,
             seed=self.seed if m.random else None,
         )
+
+    def recipe_of(self, trial: BaseTrial) -> tuple[Recipe | None, str]:
+        """The trial's recipe, sampled or the one it was enqueued with, or the error (one
+        line). An enqueued recipe the space expresses is suggested too, so the sampler learns
+        from its values; one outside the space leaves the trial without parameters."""
+        fixed = trial.user_attrs.get(ATTR_RECIPE)
+        try:
+            if fixed is None:
+                recipe = self.suggest(trial)
+            else:
+                recipe = Recipe.from_dict(fixed)
+                if self.params_for(recipe) is not None:
+                    self.suggest(trial)
+            validate_recipe(recipe)
+        except SoupError as exc:
+            return None, one_line(exc, with_type=True)
+        return recipe, ""
 
     def params_for(self, recipe: Recipe) -> dict[str, Any] | None:
         """Trial parameters that reproduce ``recipe`` (for enqueuing), or ``None``.

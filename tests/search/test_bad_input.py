@@ -98,6 +98,9 @@ CASES: dict[str, Callable[[dict[str, Path], dict[str, Path], Path], tuple[list[s
     "bad metric": lambda f, q, t: (
         ["evaluator.tasks=[{name:soup_add,metric:nope}]"],
         "error: task soup_add has no metric 'nope'; available: exact_match,none"),
+    "missing seed file": lambda f, q, t: (
+        [f"seeds=[{t / 'seed.yaml'}]"],
+        f"error: seeds[0] {t / 'seed.yaml'}: …"),
     "missing include path": lambda f, q, t: (
         [f"evaluator.include_path=[{t / 'tasks'}]"],
         f"error: evaluator.include_path: '{t / 'tasks'}' is not a folder; give folders of "

@@ -177,8 +177,7 @@ def test_a_seed_over_other_models_fails_at_start_up(run: Path, exported: tuple[P
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "seeds[0]" in err and "not a parent of this run" in err and str(out) in err
-    study = _study(tmp_path / "new")
-    assert not study.trials and not study.user_attrs.get("baselines.enqueued")
+    assert not (tmp_path / "new").exists()  # rejected before the run folder or study
 
 
 def test_resident_path_when_the_worker_held_another_dtype(run: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def _cfg(run_dir: Path, *extra: str) -> SearchConfig:
 
 def _search(cfg: SearchConfig, study: optuna.Study | None = None) -> tuple[optuna.Study, Any]:
     space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
-    study = study or open_search_study(cfg, space)
+    study = study or open_search_study(cfg)
     ex = SerialExecutor(simulated(worker_setup(cfg)))
     try:
         summary = Driver(cfg, study, space, ex, show_progress=False).run()
@@ -89,8 +89,7 @@ def test_a_trial_asked_beyond_the_budget_beside_another_driver_is_given_back(
     surplus before it reaches a worker, and the study ends with exactly the budget."""
     cfg = _cfg(tmp_path, "n_trials=8", "baselines=false")
     other_id = "otherhost:4242:abcdef"  # another machine: alive while its beat is fresh
-    space = Space.build(cfg.space, cfg.models.base, cfg.models.experts, cfg.seed)
-    study = open_search_study(cfg, space)
+    study = open_search_study(cfg)
     study.set_user_attr(f"driver.{other_id}", {"start": time.time(), "beat": time.time()})
     other = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage.url)
     theirs: list[optuna.trial.Trial] = []
