@@ -27,7 +27,8 @@ from search.errors import (
     ModelNotFoundError,
     PickleCheckpointError,
 )
-from search.merge import adapters
+from search.merge import adapter_config, adapters
+from search.merge.adapter_config import CONFIG_NAME
 from search.merge.safetensors_io import INDEX_NAME, SafetensorsFile
 
 _PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -144,19 +145,19 @@ class AdapterSource(ModelSource):
 
 def is_adapter(ref: str) -> bool:
     """Whether ``ref`` is a PEFT adapter folder (adapter_config.json, no config.json)."""
-    return _lookup(ref, "config.json") is None and _lookup(ref, adapters.CONFIG_NAME) is not None
+    return _lookup(ref, "config.json") is None and _lookup(ref, CONFIG_NAME) is not None
 
 
 def open_adapter(ref: str, model: ModelSource, *, allow_pickle: bool = False
                  ) -> adapters.Adapter:
     """Reads adapter ``ref`` and checks it against ``model``, the model it modifies."""
-    config = _lookup(ref, adapters.CONFIG_NAME)
+    config = _lookup(ref, CONFIG_NAME)
     if config is None:
-        where = ("the folder has no " + adapters.CONFIG_NAME if Path(ref).is_dir()
+        where = ("the folder has no " + CONFIG_NAME if Path(ref).is_dir()
                  else "not a local folder and not in the Hugging Face cache")
         raise ModelNotFoundError(f"adapter {ref!r} not found: {where}; give the folder that "
                                  "PEFT's save_pretrained wrote")
-    files = adapters.AdapterFiles(ref, config, _lookup(ref, adapters.WEIGHTS_NAME),
+    files = adapter_config.AdapterFiles(ref, config, _lookup(ref, adapters.WEIGHTS_NAME),
                                   _lookup(ref, adapters.PICKLE_NAME))
     emb = embed_name(model)
     alias = {HEAD: emb} if HEAD not in model.shapes and emb and model.tied_embeddings else {}
@@ -183,7 +184,7 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
         return AdapterSource(ref, model, open_adapter(adapter_ref, model,
                                                       allow_pickle=allow_pickle))
     cfg_path = _lookup(ref, "config.json")
-    if cfg_path is None and _lookup(ref, adapters.CONFIG_NAME) is not None:
+    if cfg_path is None and _lookup(ref, CONFIG_NAME) is not None:
         raise AdapterError(
             f"model {ref!r} is a PEFT adapter (adapter_config.json), not a full model; "
             f"name the model it applies to as BASE+ADAPTER, e.g. 'BASE+{ref}' (in "

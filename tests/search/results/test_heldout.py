@@ -8,26 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 from optuna.trial import create_trial
 
-from search.cli import main
 from search.recipe import Recipe
 from search.study import heldout_key, heldout_scores
+from tests.search.results.common import load_small as _load
+from tests.search.results.common import soup as _soup
 
 HELD = ["soup_add_test", "soup_dup_test"]
 BASELINES = {"base", "parent", "uniform_soup", "greedy_soup"}
-
-
-def _soup(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _load(run: Path) -> optuna.Study:
-    return optuna.load_study(study_name="small", storage=f"sqlite:///{run}/study.db")
 
 
 def _board(capsys: pytest.CaptureFixture[str], run: Path) -> dict[str, Any]:

@@ -13,19 +13,10 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import main
+from tests.search.results.common import load_small as _load
+from tests.search.results.common import soup as _soup
 
 TASKS = ["soup_add", "soup_dup"]
-
-
-def _soup(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _load(run: Path) -> optuna.Study:
-    return optuna.load_study(study_name="small", storage=f"sqlite:///{run}/study.db")
 
 
 def _expected(trials: list[FrozenTrial]) -> list[FrozenTrial]:
