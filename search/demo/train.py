@@ -74,11 +74,13 @@ class TrainConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-def new_model(*, seed: int, hidden: int = 64, layers: int = 2) -> Any:
+def new_model(*, seed: int, hidden: int = 64, layers: int = 2, arch: str = "llama",
+              tie: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config("llama", hidden=hidden, layers=layers))
+    return AutoModelForCausalLM.from_config(tiny_config(arch, hidden=hidden, layers=layers,
+                                                        tie=tie))
 
 
 def encode(tokenizer: Any, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor, Tensor]:
