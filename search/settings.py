@@ -49,12 +49,17 @@ class SpaceConfig:
         params: parameter name -> ``[low, high]`` range, a fixed value, or (for bools)
             ``[false, true]`` to search; a method name -> such a mapping for that method.
         dtype: the recipes' ``dtype``.
+        shared: a parameter that several methods have with the same range is one trial
+            parameter (``weight.MODEL``, ``lambda``, ``density.MODEL``), so what a trial
+            of one method shows about it informs the others; else each method has its own
+            (``ties.weight.MODEL``).
     """
 
     methods: tuple[str, ...]
     per_layer_anchors: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 The merge method is a categorical choice (left out when only one method is searched, so
 CMA-ES can run on it); each method's parameters are sampled only when it is chosen and
 are named ``METHOD.PARAM`` (global) or ``METHOD.PARAM.MODEL`` (per-model), with ``@i``
-appended for the i-th of k per-layer anchors. A method that takes fewer models than
+appended for the i-th of k per-layer anchors. With ``space.shared``, a parameter several
+methods sample from the same range drops the method (``weight.MODEL``, ``lambda``), so
+every method's trials inform the sampler about it. A method that takes fewer models than
 there are experts adds a categorical ``METHOD.models`` over the allowed subsets.
 
 Example:
@@ -94,6 +96,7 @@ class Space:
         self.methods = dict(methods)
         self.anchors = cfg.per_layer_anchors if cfg.per_layer_anchors >= 2 else 0
         self._params = {name: self._method_params(m) for name, m in self.methods.items()}
+        self._shared = self._shared_names() if cfg.shared else {}
 
     @classmethod
     def build(cls, cfg: SpaceConfig, base: str, experts: Sequence[str], seed: int = 0) -> Space:
@@ -133,6 +136,17 @@ class Space:
             out.extend(_Param(spec, i, dist, fixed) for i in models)
         return out
 
+    def _shared_names(self) -> dict[str, BaseDistribution]:
+        """Parameters that two or more methods sample from one and the same distribution
+        (a method with another range for it keeps its own)."""
+        dists: dict[str, list[BaseDistribution]] = {}
+        for params in self._params.values():
+            seen = {p.spec.name: p.dist for p in params if p.dist is not None}
+            for name, dist in seen.items():
+                dists.setdefault(name, []).append(dist)
+        common = {n: max(ds, key=ds.count) for n, ds in dists.items()}
+        return {n: d for n, d in common.items() if dists[n].count(d) > 1}
+
     def _subsets(self, method: MergeMethod) -> list[str]:
         if method.max_models is None or method.max_models >= len(self.experts):
             return []
@@ -140,7 +154,8 @@ class Space:
 
     def _names(self, method: str, p: _Param) -> list[str]:
         """The trial parameters of ``p``: one, or one per anchor (``NAME@i``)."""
-        key = f"{method}.{p.spec.name}"
+        shared = self._shared.get(p.spec.name) == p.dist
+        key = p.spec.name if shared else f"{method}.{p.spec.name}"
         key = key if p.model is None else f"{key}.{self.short[p.model]}"
         return [f"{key}@{i}" for i in range(self.anchors)] if self._anchored(p) else [key]
 

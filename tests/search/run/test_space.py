@@ -125,6 +125,30 @@ def test_multi_method_space_names_the_method() -> None:
     assert seen == {"linear", "ties", "slerp"}
 
 
+def test_shared_space_names_what_methods_share_once() -> None:
+    """space.shared: weight, lambda and density are one parameter for every method that
+    samples them from the same range; della's other density range and slerp's t stay its
+    own; every sampled recipe round-trips through params_for."""
+    methods = ("linear", "task_arithmetic", "ties", "dare_ties", "della", "slerp")
+    space = _space(methods, shared=True)
+    names = {m: [n for n, _ in space.distributions(m)] for m in methods}
+    assert names["linear"] == ["weight.e1", "weight.e2", "weight.e3"]
+    assert names["task_arithmetic"] == [*names["linear"], "lambda"]
+    assert names["ties"] == [*names["linear"], "density.e1", "density.e2", "density.e3",
+                             "lambda"]
+    assert names["dare_ties"] == names["ties"]
+    assert "della.density.e1" in names["della"] and "lambda" in names["della"]
+    assert names["slerp"] == ["slerp.models", "slerp.t"]
+    assert next(n for n, _ in _space(("ties",)).distributions("ties")) == "ties.weight.e1"
+    seen = set()
+    for _params, recipe in _sample(space, 40):
+        seen.add(recipe.merge_method)
+        back = space.params_for(recipe)
+        assert back is not None and back[METHOD_KEY] == recipe.merge_method
+        assert _replay(space, back).hash() == recipe.hash()
+    assert len(seen) >= 4
+
+
 def test_per_layer_anchors() -> None:
     """per_layer_anchors=3: every per-layer float is a list of 3 anchors."""
     space = _space(("ties",), per_layer_anchors=3)
