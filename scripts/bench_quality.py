@@ -1,4 +1,4 @@
-"""Search quality on merge problems the default was not tuned on (``search/demo/problems.py``).
+"""Search quality on merge problems the default was not tuned on (``tests/problems.py``).
 
     python scripts/bench_quality.py [--seeds 5] [--trials 50] [--problems NAME,...]
                                     [--out .cache/quality] [--processes 2]
@@ -34,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench_common import ROOT, machine, table, update_section
 
-from search.demo.problems import DEFAULT_OUT, PROBLEMS, Problem, build_all
+from tests.problems import DEFAULT_OUT, PROBLEMS, Problem, build_all
 
 SKILLS = ("add", "reverse", "dup")
 # family -> its grid: (method, global parameters, per-model parameters) at uniform weights
@@ -222,7 +222,7 @@ def render(results: list[dict[str, Any]], seeds: int, trials: int, wall: float) 
     lines = [
         "## Search quality on unseen merge problems",
         "",
-        "Problems from `search/demo/problems.py` (`python -m search.demo.problems`): a tiny "
+        "Problems from `tests/problems.py` (`python -m tests.problems`): a tiny "
         "base pretrained until weak at the demo's three skills, and experts trained jointly "
         "so that one chosen merge (the trained-for recipe) works. Scores: mean exact match "
         "over soup_add, soup_reverse, soup_dup, on val (the search's fitness data, 200 "

@@ -11,7 +11,7 @@ a skill that breaks a scored one), sparse task vectors under dense noise (where 
 wins), or coefficients that change with depth. The scored tasks are always the demo's
 three skills (val for the search, test held out).
 
-    python -m search.demo.problems [--out DIR] [NAME ...]
+    python -m tests.problems [--out DIR] [NAME ...]
 
 Example:
     >>> sorted(PROBLEMS)[:2]
@@ -267,7 +267,7 @@ def build_all(names: Sequence[str], out: Path, force: bool = False,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.demo.problems",
+    parser = argparse.ArgumentParser(prog="python -m tests.problems",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"problems (default: all of {list(PROBLEMS)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
