@@ -60,6 +60,8 @@ class Scores:
         timings: seconds, with ``compute`` (model calls), ``overhead`` and ``total``.
         stage: index of the stage these cumulative scores cover.
         final: whether all stages are included.
+        per_doc: task name -> each scored document's value, in a fixed document order
+            (for intervals and paired comparisons); empty where an evaluator has none.
     """
 
     metrics: dict[str, float]
@@ -68,6 +70,7 @@ class Scores:
     timings: dict[str, float] = field(default_factory=dict)
     stage: int = 0
     final: bool = True
+    per_doc: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def objective(self) -> float:

@@ -243,13 +243,15 @@ class LmEvalEvaluator:
 
     def _scores(self, raw: dict[str, list[Any]], index: int, compute: float,
                 total: float) -> Scores:
-        metrics, n_docs = {}, {}
+        metrics, n_docs, per_doc = {}, {}, {}
         first = {p.spec.name: p for parts in self.stages for p in reversed(parts)}
         for spec in self.specs:
             values = raw[spec.name]
             part = first[spec.name]
             metrics[spec.name] = float(part.task.aggregation()[part.metric](values))
             n_docs[spec.name] = len(values)
+            if all(isinstance(v, (int, float)) for v in values):  # not e.g. BLEU's pairs
+                per_doc[spec.name] = [float(v) for v in values]
         return Scores(metrics, {s.name: s.weight for s in self.specs}, n_docs,
                       {"compute": compute, "overhead": total - compute, "total": total},
-                      stage=index, final=index == len(self.stages) - 1)
+                      stage=index, final=index == len(self.stages) - 1, per_doc=per_doc)

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import study as st
 from search.names import name_map
 from search.recipe import Recipe
+from search.results import stats
 
 FORMATS = ("table", "csv", "json", "markdown")
 
@@ -74,6 +75,8 @@ class Leaderboard:
         counts: trials by outcome (see :func:`search.study.counts`), plus ``duplicates``.
         failures: the most common failure reasons of failed trials, with counts.
         names: each model's short name, as the ``models`` column shows it.
+        per_doc: trial number -> its per-document search scores (trials that stored them),
+            for the 95% intervals and the winner's paired comparisons.
     """
 
     rows: list[dict[str, Any]]
@@ -82,6 +85,7 @@ class Leaderboard:
     counts: dict[str, int]
     failures: list[tuple[str, int]]
     names: dict[str, str]
+    per_doc: dict[int, dict[str, list[float]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_study(cls, study: optuna.Study, sort: str | None = None) -> Leaderboard:
@@ -104,9 +108,11 @@ class Leaderboard:
                           and not t.user_attrs.get("surplus"))
         counts = st.counts(trials)
         counts["duplicates"] = sum(t.user_attrs.get("duplicate_of") is not None for t in trials)
+        per_doc = {t.number: t.user_attrs[st.ATTR_PER_DOC] for t, _ in done
+                   if st.ATTR_PER_DOC in t.user_attrs}
         board = cls(rows, list(meta.get("tasks", [])),
                     list(dict.fromkeys(h for r in rows for h in r["heldout_tasks"])),
-                    counts, reasons.most_common(3), names)
+                    counts, reasons.most_common(3), names, per_doc)
         rows.sort(key=_order(sort, board.columns()))
         for i, r in enumerate(rows, 1):
             r["rank"] = i
@@ -122,7 +128,8 @@ class Leaderboard:
         """The header and the cells of the ``top`` rows (0/None = all), as text shows them."""
         cols = self.columns()
         header = ["rank", "trial", "baseline", "method", "models", "params",
-                  *cols["search"], *cols["heldout"], "time_s"]
+                  cols["search"][0], "ci95", *cols["search"][1:], *cols["heldout"],
+                  "time_s"]
         return [header, *(self._cells(r) for r in (self.rows[:top] if top else self.rows))]
 
     def render(self, fmt: str = "table", top: int | None = 10) -> str:
@@ -151,9 +158,44 @@ class Leaderboard:
         if self.heldout:
             held.append("error" if r["heldout_error"] else _opt(r["heldout_objective"]))
         return [str(r["rank"]), str(r["trial"]), r["baseline"], r["method"], r["models"],
-                r["params"], f"{r['objective']:.4f}",
+                r["params"], f"{r['objective']:.4f}", self._interval(r),
                 *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in self.tasks),
                 *held, f"{r['time_s']:.2f}"]
+
+    def _weights(self, number: int) -> dict[str, float] | None:
+        """The objective's task weights over ``number``'s per-document scores, if stored."""
+        per_doc = self.per_doc.get(number)
+        row = next((r for r in self.rows if r["trial"] == number), None)
+        if per_doc is None or row is None or not set(self.tasks) <= set(per_doc):
+            return None
+        return {t: float(row["weights"].get(t, 1.0)) for t in self.tasks}
+
+    def _interval(self, r: dict[str, Any]) -> str:
+        weights = self._weights(r["trial"])
+        if weights is None:
+            return ""
+        lo, hi = stats.interval(self.per_doc[r["trial"]], weights, n=1000)
+        return f"{lo:.4f}-{hi:.4f}"
+
+    def verdicts(self) -> list[str]:
+        """Whether the winner beats the greedy soup and the best parent on the same
+        documents (a paired bootstrap), in words; empty without per-document scores."""
+        if not self.rows or self._weights(self.rows[0]["trial"]) is None:
+            return []
+        win = self.rows[0]
+        out = []
+        for tag, label in (("greedy_soup", "the greedy soup"), ("parent", "the best parent")):
+            other = next((r for r in self.rows if tag in r["baseline"].split(",")), None)
+            if other is win:
+                out.append(f"the winner (trial {win['trial']}) is {label} itself: no "
+                           "searched candidate scored higher")
+            if other is None or other is win or other["trial"] not in self.per_doc:
+                continue
+            c = stats.compare(self.per_doc[win["trial"]], self.per_doc[other["trial"]],
+                              self._weights(win["trial"]) or {})
+            out.append(c.words(f"the winner (trial {win['trial']})",
+                               f"{label} (trial {other['trial']})"))
+        return out
 
     def tally(self) -> str:
         """The trials by outcome, as the footer and the report's facts say it."""
@@ -167,6 +209,7 @@ class Leaderboard:
         text = self.tally()
         if self.failures:
             text += "; failures: " + ", ".join(f"{r} ×{n}" for r, n in self.failures)
+        text += "".join(f"\n{v} (search scores, paired bootstrap)" for v in self.verdicts())
         search = ", ".join(self.columns()["search"])
         if not self.heldout:
             return text + (f"\ncolumns: {search} = search scores; no held-out scores yet "
@@ -238,6 +281,7 @@ def _row(t: FrozenTrial, recipe: Recipe, names: dict[str, str], greedy: int | No
         "params": short_params(recipe),
         "objective": float(scores.get("objective", t.values[0] if t.values else float("nan"))),
         "metrics": dict(scores.get("metrics", {})),
+        "weights": dict(scores.get("weights", {})),
         "heldout": metrics,
         "heldout_objective": None if objective is None or held.get("error") else float(objective),
         "heldout_error": held.get("error"),

@@ -215,6 +215,9 @@ class Driver:
                 self.running[key] = run
                 return
         trial.set_user_attr(st.ATTR_SCORES, _scores(result, values))
+        if result.per_doc:  # for intervals and paired comparisons
+            trial.set_user_attr(st.ATTR_PER_DOC, {t: [round(v, 6) for v in vs]
+                                                  for t, vs in result.per_doc.items()})
         if prune:
             lv.tell(self.study, trial, None, TrialState.PRUNED)
             self.summary.pruned += 1
@@ -283,7 +286,7 @@ class Driver:
 
 
 def _scores(result: WorkerResult, values: list[float]) -> dict[str, Any]:
-    return {"metrics": result.metrics, "n_docs": result.n_docs,
+    return {"metrics": result.metrics, "weights": result.weights, "n_docs": result.n_docs,
             "objective": result.objective, "values": values,
             "stage": result.stage, "final": result.final,
             "timings": {k: round(float(v), 4) for k, v in result.timings.items()}}

@@ -55,7 +55,7 @@ class WorkerResult:
     Attributes:
         error: ``None`` when the stage was scored; else one line, ``Type: message``.
         kind: for an error, ``candidate`` (the recipe's fault) or ``protocol``.
-        metrics, weights, n_docs: per task, as in :class:`evaluators.base.Scores`.
+        metrics, weights, n_docs, per_doc: per task, as in :class:`evaluators.base.Scores`.
         objective: the weighted mean of the metrics.
         stage: index of the stage these cumulative scores cover.
         final: whether all stages are included (no :meth:`Worker.advance` follows).
@@ -67,6 +67,7 @@ class WorkerResult:
     metrics: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     n_docs: dict[str, int] = field(default_factory=dict)
+    per_doc: dict[str, list[float]] = field(default_factory=dict)
     objective: float = math.nan
     stage: int = 0
     final: bool = True
@@ -182,7 +183,8 @@ class Worker:
             self._stages = None
         return WorkerResult(
             metrics=dict(scores.metrics), weights=dict(scores.weights),
-            n_docs=dict(scores.n_docs), objective=float(scores.objective),
+            n_docs=dict(scores.n_docs), per_doc=dict(scores.per_doc),
+            objective=float(scores.objective),
             stage=scores.stage, final=scores.final,
             timings={"merge": self._merge_s, **scores.timings})
 

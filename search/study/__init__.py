@@ -15,6 +15,7 @@ from search.study.trials import (
     ATTR_BASELINE,
     ATTR_DRIVER,
     ATTR_ERROR,
+    ATTR_PER_DOC,
     ATTR_RECIPE,
     ATTR_REQUEUED,
     ATTR_SCORES,
@@ -24,7 +25,8 @@ from search.study.trials import (
 )
 
 __all__ = [
-    "ATTR_BASELINE", "ATTR_DRIVER", "ATTR_ERROR", "ATTR_RECIPE", "ATTR_REQUEUED", "ATTR_SCORES",
+    "ATTR_BASELINE", "ATTR_DRIVER", "ATTR_ERROR", "ATTR_PER_DOC", "ATTR_RECIPE", "ATTR_REQUEUED",
+    "ATTR_SCORES",
     "StorageError", "counts", "heldout_key", "heldout_scores", "open_storage", "open_study",
     "redact",
 ]

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 ATTR_DRIVER = "driver"
 ATTR_RECIPE = "recipe"
 ATTR_SCORES = "scores"
+ATTR_PER_DOC = "per_doc"  # task -> each document's score, in a fixed order
 ATTR_ERROR = "error"
 ATTR_REQUEUED = "requeued"
 ATTR_RETRIES = "retries"

@@ -81,7 +81,7 @@ def test_evaluate_top2(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
         assert new["heldout_objective"] == record.get("objective")
     _, table, _ = _soup(capsys, "leaderboard", str(run))
     header = table.splitlines()[0].split()
-    assert header[6:12] == ["objective", "soup_add", "soup_dup", "test:soup_add_test",
+    assert header[6:13] == ["objective", "ci95", "soup_add", "soup_dup", "test:soup_add_test",
                             "test:soup_dup_test", "test:objective"]
     assert "test:* = held-out scores from `soup evaluate`" in table
 

@@ -189,9 +189,9 @@ def test_markdown(board: Leaderboard) -> None:
     """Markdown: a header row, a separator, one row per candidate, then the footer."""
     lines = board.render("markdown", top=3).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:7] == ["rank", "trial", "baseline", "method", "models", "params",
-                          "objective"]
-    assert header[7:9] == TASKS and header[-1] == "time_s"
+    assert header[:8] == ["rank", "trial", "baseline", "method", "models", "params",
+                          "objective", "ci95"]
+    assert header[8:10] == TASKS and header[-1] == "time_s"
     assert lines[1] == "|" + "---|" * len(header)
     body = lines[2:5]
     assert all(line.startswith("| ") and line.endswith(" |") for line in body)
@@ -278,8 +278,8 @@ def test_short_params() -> None:
 def test_heldout_columns_apart(board: Leaderboard) -> None:
     """Held-out columns come after the search columns, and the footer says which is which."""
     header = board.render("csv").splitlines()[0].split(",")
-    assert header[6:9] == ["objective", *TASKS]
-    assert header[9:12] == ["test:soup_add_test", "test:soup_reverse_test", "test:objective"]
+    assert header[6:10] == ["objective", "ci95", *TASKS]
+    assert header[10:13] == ["test:soup_add_test", "test:soup_reverse_test", "test:objective"]
     assert board.columns() == {"search": ["objective", *TASKS],
                                "heldout": ["test:soup_add_test", "test:soup_reverse_test",
                                            "test:objective"]}
