@@ -178,11 +178,11 @@ def configs(best_family: str) -> list[tuple[str, list[str]]]:
             (f"CMA-ES ({best_family})", [fam, "sampler=cmaes"])]
 
 
-def run_problem(job: tuple[str, str, int, int]) -> dict[str, Any]:
+def run_problem(job: tuple[str, str, int, int, tuple[str, ...]]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    name, out, seeds, trials = job
+    name, out, seeds, trials, rows = job
     problem = PROBLEMS[name]
     folder = Path(out) / name
     t0 = time.perf_counter()
@@ -193,7 +193,8 @@ def run_problem(job: tuple[str, str, int, int]) -> dict[str, Any]:
           f"{result['best_family']}", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {}
     for label, overrides in configs(result["best_family"]):
-        if "cmaes" in " ".join(overrides) and no_cmaes():
+        if ("cmaes" in " ".join(overrides) and no_cmaes()) or \
+                (rows and not any(label.startswith(r) for r in rows)):
             continue
         runs[label] = []
         for seed in range(seeds):
@@ -282,6 +283,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
+    parser.add_argument("--rows", default="", help="run only the searches whose label starts "
+                        "with one of these (comma-separated); the others come from --previous")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="a quality.json of an earlier run, for the rows not run now")
     args = parser.parse_args()
     names = [n for n in args.problems.split(",") if n]
     unknown = [n for n in names if n not in PROBLEMS]
@@ -292,11 +297,24 @@ def main() -> int:
     print(f"building {', '.join(names)} into {args.out} (once)", flush=True)
     for stats in build_all(names, args.out, processes=args.processes):
         print(f"  {stats}", flush=True)
-    jobs = [(n, str(args.out), args.seeds, args.trials) for n in names]
+    rows = tuple(r for r in args.rows.split(",") if r)
+    jobs = [(n, str(args.out), args.seeds, args.trials, rows) for n in names]
     with multiprocessing.get_context("spawn").Pool(min(args.processes, len(jobs))) as pool:
         results = list(pool.imap(run_problem, jobs))
+    if args.previous is not None:
+        before = {r["name"]: r for r in json.loads(args.previous.read_text())}
+        for res in results:
+            old = before.get(res["name"], {}).get("runs", {})
+            merged = {**{k: v for k, v in old.items() if k not in res["runs"]}, **res["runs"]}
+            order = [label for label, _ in configs(res["best_family"])]
+            res["runs"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0])
+                                      if kv[0] in order else len(order)))
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
     body = render(results, args.seeds, args.trials, time.perf_counter() - t0)
+    if args.previous is not None:
+        body += (f"\n\nRows starting with {', '.join(rows)} were run in this invocation; the "
+                 f"other rows come from {args.previous.name} of an earlier invocation on the "
+                 "same problems (their configs did not change in between).")
     print(body)
     if not args.no_doc:
         update_section("quality", body)

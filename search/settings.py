@@ -53,6 +53,8 @@ class SpaceConfig:
             parameter (``weight.MODEL``, ``lambda``, ``density.MODEL``), so what a trial
             of one method shows about it informs the others; else each method has its own
             (``ties.weight.MODEL``).
+        probes: with the baselines, each method is first tried once at its probe point
+            (every weight 1, each other parameter at its default or mid-range).
     """
 
     methods: tuple[str, ...]
@@ -60,6 +62,7 @@ class SpaceConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     shared: bool = False
+    probes: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from search.errors import SoupError
 from search.recipe import ModelEntry, Recipe
 
-PARENT, BASE, UNIFORM, GREEDY, GREEDY_STEP, SEED = (
-    "parent", "base", "uniform_soup", "greedy_soup", "greedy_step", "seed")
+PARENT, BASE, UNIFORM, GREEDY, GREEDY_STEP, SEED, PROBE = (
+    "parent", "base", "uniform_soup", "greedy_soup", "greedy_step", "seed", "probe")
 
 
 def soup(models: Sequence[str], dtype: str | None = None) -> Recipe:

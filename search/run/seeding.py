@@ -61,8 +61,13 @@ class Seeding:
         seeds = bl.load_seeds(self.cfg.seeds, (m.base, *m.experts))  # a bad seed: no write
         self.study.set_user_attr("baselines.enqueued", True)
         if self.cfg.baselines:
-            for tag, recipe in bl.initial(m.base, m.experts, self.space.cfg.dtype):
+            initial = bl.initial(m.base, m.experts, self.space.cfg.dtype)
+            for tag, recipe in initial:
                 self._enqueue(recipe, tag)
+            known = {r.hash() for _, r in initial}
+            for recipe in self.space.probes() if self.space.cfg.probes else ():
+                if recipe.hash() not in known:  # linear's probe is the uniform soup
+                    self._enqueue(recipe, bl.PROBE)
         for path, recipe in seeds:
             if self.space.params_for(recipe) is None:
                 log.warning("seed %s: %s with these values is outside the searched space; it "

@@ -214,6 +214,29 @@ class Space:
             seed=self.seed if m.random else None,
         )
 
+    def probes(self) -> list[Recipe]:
+        """Each method once at its probe point: every weight 1, each other sampled value at
+        its default when that lies inside its range (else mid-range: a density's default
+        of 1, no sparsification, is the range's end), the first model subset."""
+        out = []
+        for method in self.methods:
+            subsets = self._subsets(self.methods[method])
+            values: dict[str, Any] = {f"{method}.models": subsets[0]} if subsets else {}
+            for p in self._params[method]:
+                default = 1.0 if p.spec.name == "weight" else p.spec.default
+                if isinstance(p.dist, CategoricalDistribution):
+                    value = default if default in p.dist.choices else p.dist.choices[0]
+                elif isinstance(p.dist, FloatDistribution):
+                    d = p.dist
+                    inside = _fits(default, d, 0) and (p.spec.name == "weight"
+                                                       or default not in (d.low, d.high))
+                    value = default if inside else (d.low + d.high) / 2
+                else:
+                    continue
+                values.update({n: value for n in self._names(method, p)})
+            out.append(self._recipe(method, values))
+        return out
+
     def recipe_of(self, trial: BaseTrial) -> tuple[Recipe | None, str]:
         """The trial's recipe, sampled or the one it was enqueued with, or the error (one
         line). An enqueued recipe the space expresses is suggested too, so the sampler learns

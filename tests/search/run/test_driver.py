@@ -146,3 +146,18 @@ def test_a_recipe_ahead_blocks_and_one_not_stored_yet_blocks_briefly() -> None:
     assert not lg.blocked([_trial(2, TrialState.RUNNING, other)], 5, h)
     assert lg.blocked([_trial(2, TrialState.RUNNING)], 5, h)  # still being sampled
     assert not lg.blocked([_trial(2, TrialState.RUNNING, age_s=lg.RECIPE_WAIT_S + 1)], 5, h)
+
+
+def test_probes_are_enqueued_after_the_baselines_once(tmp_path: Path) -> None:
+    """space.probes: each method but linear (whose probe is the uniform soup) is tried at
+    its probe point right after the baselines, once per study, with its parameters."""
+    cfg = _cfg(tmp_path, "space.probes=true", "space.shared=true", "n_trials=20",
+               "space.methods=[linear,task_arithmetic,ties,model_stock]")
+    study, _ = _search(cfg)
+    probes = [t for t in study.trials if t.user_attrs.get("baseline") == "probe"]
+    assert [t.user_attrs["recipe"]["merge_method"] for t in probes] == \
+        ["task_arithmetic", "ties", "model_stock"]
+    assert all(t.state.name == "COMPLETE" for t in probes)
+    assert probes[0].params["lambda"] == 1.0 and probes[0].params["weight.a"] == 1.0
+    first_sampled = min(t.number for t in study.trials if "baseline" not in t.user_attrs)
+    assert max(t.number for t in probes) < first_sampled

@@ -384,3 +384,21 @@ def test_plus_in_expert_name() -> None:
     for choice in _dists(space, "slerp")["slerp.models"].choices:
         recipe = _replay(space, {"slerp.models": choice, "slerp.t": 0.5})
         assert len(recipe.models) == 1
+
+
+def test_probes_try_each_method_once_at_a_sensible_point() -> None:
+    """One probe per method, inside the space: weights 1, lambda at its default 1, a
+    density mid-range (its default 1 means no sparsification), slerp's t mid-range."""
+    methods = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "model_stock")
+    space = _space(methods, shared=True, probes=True)
+    probes = space.probes()
+    assert [r.merge_method for r in probes] == list(methods)
+    by = {r.merge_method: r for r in probes}
+    assert by["linear"].hash() == soup(EXPERTS).hash()
+    assert all(m.parameters["weight"] == 1.0 for m in by["ties"].models)
+    assert by["ties"].parameters["lambda"] == 1.0
+    assert {m.parameters["density"] for m in by["dare_ties"].models} == {0.55}
+    assert by["slerp"].parameters["t"] == 0.5 and len(by["slerp"].models) == 1  # + base
+    for recipe in probes:
+        validate_recipe(recipe)
+        assert space.params_for(recipe) is not None
